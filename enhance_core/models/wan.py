@@ -1,0 +1,27 @@
+"""Wan 2.1 / 2.2 (t2v, i2v, the 5B TI2V, VACE, camera and other WanModel variants).
+
+Self-attention is `blocks.i.self_attn` (WanSelfAttention); its forward ends with the output
+projection `o`, before the block's gate and residual. No text tokens in self-attention (text enters
+through cross-attention). A reference latent, where a variant adds one, is one more frame in front.
+"""
+
+from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+
+
+class WanAdapter(FamilyAdapter):
+    name = "Wan 2.1 / 2.2"
+
+    def matches(self, diffusion_model) -> bool:
+        from comfy.ldm.wan.model import WanModel
+        return isinstance(diffusion_model, WanModel)
+
+    def sites(self, diffusion_model) -> list[AttentionSite]:
+        return [AttentionSite(arm=f"blocks.{i}.self_attn", output=f"blocks.{i}.self_attn")
+                for i in range(len(diffusion_model.blocks))]
+
+    def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
+        _, ph, pw = diffusion_model.patch_size
+        return TokenLayout(tokens_per_frame=patched_tokens(x.shape[-2], ph) * patched_tokens(x.shape[-1], pw))
+
+
+ADAPTER = WanAdapter()

@@ -1,0 +1,16 @@
+"""Thin node classes: schema (inputs, tooltips, defaults) and a call into enhance_core."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .enhance_a_video import EnhanceAVideo
+
+NODES = [EnhanceAVideo]
+
+
+class FreeVideoExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> FreeVideoExtension:
+    return FreeVideoExtension()

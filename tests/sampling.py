@@ -1,0 +1,19 @@
+"""Helpers that drive ComfyUI's own sampling code on tiny models."""
+
+import torch
+
+
+def text_conditioning(tokens: int = 8, dim: int = 4096, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, dim, generator=g), {}]]
+
+
+def video_latent(frames: int = 5, height: int = 16, width: int = 16, channels: int = 16, batch: int = 1):
+    return {"samples": torch.zeros(batch, channels, frames, height, width)}
+
+
+def ksample(model, latent, positive, negative, steps=3, cfg=5.0, seed=0, sampler="euler", scheduler="simple", denoise=1.0):
+    """Run ComfyUI's KSampler node and return the sampled latent tensor."""
+    import nodes
+    (out,) = nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)
+    return out["samples"]

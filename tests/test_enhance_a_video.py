@@ -1,0 +1,116 @@
+"""Enhance-A-Video through ComfyUI's real model patcher and samplers, on tiny models."""
+
+import pytest
+import torch
+
+from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+from sampling import ksample, text_conditioning, video_latent
+
+
+def sample(model, latent=None, **kw):
+    latent = latent or video_latent(frames=5)
+    return ksample(model, latent, text_conditioning(seed=1), text_conditioning(seed=2), **kw)
+
+
+def test_changes_output_and_leaves_input_model_untouched(wan21):
+    before = sample(wan21)
+    enhanced = sample(apply_enhance_a_video(wan21, weight=40.0))
+    after = sample(wan21)
+    assert not torch.equal(before, enhanced)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(weight=0.0),
+    dict(weight=40.0, start_percent=1.0, end_percent=1.0),
+])
+def test_off_settings_are_bit_identical(wan21, kwargs):
+    assert torch.equal(sample(wan21), sample(apply_enhance_a_video(wan21, **kwargs)))
+
+
+def test_single_frame_is_a_no_op(wan21):
+    latent = video_latent(frames=1)
+    assert torch.equal(sample(wan21, latent), sample(apply_enhance_a_video(wan21, weight=40.0), latent))
+
+
+def test_unsupported_model_names_the_supported_families():
+    import comfy.model_patcher
+    import comfy.model_base
+
+    class NotVideo(torch.nn.Module):
+        pass
+    base = comfy.model_base.BaseModel.__new__(comfy.model_base.BaseModel)
+    torch.nn.Module.__init__(base)
+    base.diffusion_model = NotVideo()
+    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="Supported families: Wan"):
+        apply_enhance_a_video(patcher, 4.0)
+
+
+@pytest.mark.parametrize("layers,message", [("0-9", "layer 9 does not exist"), ("x", "cannot read 'x'"), ("3-1", "backwards")])
+def test_bad_layer_list(wan21, layers, message):
+    with pytest.raises(ValueError, match=message):
+        apply_enhance_a_video(wan21, 4.0, layers=layers)
+
+
+def test_scale_inside_the_model_equals_the_official_formula(wan21):
+    """Layer 1 of a real sampling step: its self-attention output (after the projection) equals the
+    projected kernel output times the naive official scale, per batch element (cond and uncond)."""
+    from freevideo.enhance_core.attention_hooks import add_attention_override
+    from test_cross_frame_intensity import naive_scale
+
+    recorder = wan21.clone()
+    kernel_calls = []
+
+    def record(call_next, q, k, v, heads, **kwargs):
+        out = call_next(q, k, v, heads, **kwargs)
+        kernel_calls.append((q, k, out, heads))
+        return out
+    add_attention_override(recorder, record)
+    patched = apply_enhance_a_video(recorder, weight=6.0, layers="1")
+
+    self_attn = wan21.get_model_object("diffusion_model.blocks.1.self_attn")
+    outputs = []
+    handle = self_attn.register_forward_hook(lambda mod, inp, out: outputs.append(out.clone()))
+    try:
+        sample(patched, steps=1, cfg=3.0)
+    finally:
+        handle.remove()
+    assert len(outputs) == 1, "cond and uncond should run as one batch of 2 here"
+    # Kernel calls run self, cross per block: block 1's self-attention is the third. Its input
+    # depends on the text (through block 0's cross-attention), so cond and uncond differ.
+    q, k, attn, heads = kernel_calls[2]
+    assert q.shape[0] == 2
+    b, n, _ = q.shape
+    frames = 5
+    want_scale = naive_scale(q.view(b, n, heads, -1), k.view(b, n, heads, -1), frames, 6.0)
+    assert want_scale.min() > 1.0 and not torch.equal(want_scale[0], want_scale[1])
+    projected = torch.nn.functional.linear(attn, self_attn.o.weight, self_attn.o.bias)
+    torch.testing.assert_close(outputs[0], projected * want_scale.view(-1, 1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_result_does_not_depend_on_cond_uncond_batching(wan21, monkeypatch):
+    import comfy.model_management
+    patched = apply_enhance_a_video(wan21, weight=40.0)
+    batched_plain, batched = sample(wan21), sample(patched)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    separate_plain, separate = sample(wan21), sample(patched)
+    plain_gap = (batched_plain - separate_plain).abs().max()
+    assert (batched - separate).abs().max() <= max(plain_gap * 10, 1e-5)
+
+
+def test_latent_batch_of_two_matches_batch_of_one(wan21):
+    patched = apply_enhance_a_video(wan21, weight=40.0)
+    one = sample(patched, video_latent(frames=5, batch=1))
+    two = sample(patched, video_latent(frames=5, batch=2))
+    torch.testing.assert_close(two[:1], one, rtol=1e-4, atol=1e-5)
+
+
+def test_patched_clone_built_after_another_clone_sampled(wan21):
+    """A clone patched while another patched clone is loaded wraps the original modules, not the
+    other clone's hooked copies: two applications stack only when the user chains them."""
+    a = apply_enhance_a_video(wan21, weight=40.0)
+    first = sample(a)
+    b = apply_enhance_a_video(wan21, weight=40.0)
+    assert torch.equal(sample(b), first)
+    assert torch.equal(sample(a), first)
