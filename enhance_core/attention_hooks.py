@@ -78,6 +78,58 @@ def hooked_copy(module: torch.nn.Module, around) -> torch.nn.Module:
     return new
 
 
+class SelfAttentionLayers:
+    """Routes the self-attention kernel calls of chosen layers of a clone to a handler.
+
+    The family adapter's wrapper records the token layout of every model call; a hook on each
+    chosen layer's `arm` module marks its next kernel call, which the attention override hands to
+    handler(layer, layout, call_next, q, k, v, heads, **kwargs). Every other kernel call (cross-
+    attention, unchosen layers) goes straight to `call_next`. Model calls run one at a time, so the
+    per-call state lives here.
+    """
+
+    def __init__(self, clone, adapter, key: str):
+        self.clone = clone
+        self.adapter = adapter
+        self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
+        self.layout = None
+        self._armed = None
+        self._handler = None
+        clone.add_wrapper_with_key(adapter.wrapper_type, key, self._model_call)
+        add_attention_override(clone, self._attention)
+
+    def route(self, layers, handler) -> None:
+        self._handler = handler
+        for layer in layers:
+            self.hook_module(self.sites[layer].arm, self._arm(layer))
+
+    def hook_module(self, path: str, around) -> None:
+        """Object-patch the module at `path` (relative to the diffusion model) on the clone with a
+        hooked copy; hooking the same path twice stacks."""
+        key = f"diffusion_model.{path}"
+        self.clone.add_object_patch(key, hooked_copy(self.clone.get_model_object(key), around))
+
+    def _arm(self, layer):
+        def around(call, *args, **kwargs):
+            self._armed = layer
+            return call(*args, **kwargs)
+        return around
+
+    def _model_call(self, executor, x, *args, **kwargs):
+        self.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
+        self._armed = None
+        try:
+            return executor(x, *args, **kwargs)
+        finally:
+            self.layout = self._armed = None
+
+    def _attention(self, call_next, q, k, v, heads, **kwargs):
+        layer, self._armed = self._armed, None
+        if layer is None or self.layout is None:
+            return call_next(q, k, v, heads, **kwargs)
+        return self._handler(layer, self.layout, call_next, q, k, v, heads, **kwargs)
+
+
 def parse_layer_list(text: str, count: int, input_name: str) -> list[int]:
     """Parse a user list such as "0-9, 20" into sorted layer indices; empty or "all" is every layer."""
     text = text.strip().lower()

@@ -15,22 +15,11 @@ import logging
 
 import torch
 
-from .attention_hooks import SigmaWindow, add_attention_override, hooked_copy, parse_layer_list, tokens_view
+from .attention_hooks import SelfAttentionLayers, SigmaWindow, parse_layer_list, tokens_view
 from .cross_frame_intensity import enhance_scale
 from .models import adapter_for
 
-WRAPPER_KEY = "freevideo_enhance_a_video"
 log = logging.getLogger(__name__)
-
-
-class _CallState:
-    """What one model call of the patched clone has learned so far (model calls run one at a time)."""
-
-    def __init__(self):
-        self.layout = None   # TokenLayout of the running call
-        self.armed = None    # site index whose self-attention kernel call comes next
-        self.scale = None    # scale waiting for the armed site's output module
-        self.single_frame_logged = False
 
 
 def _scale_tokens_(tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -42,74 +31,52 @@ def _scale_tokens_(tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_percent: float = 1.0, layers: str = "all"):
     """A clone of `model` with Enhance-A-Video on the chosen self-attention layers.
 
-    weight 0 or an empty selection returns a plain clone (bit-identical sampling)."""
+    weight 0 returns a plain clone (bit-identical sampling)."""
     if weight < 0:
         raise ValueError(f"weight: {weight} is negative; use 0 (off) or more")
     adapter = adapter_for(model)
     window = SigmaWindow(model, start_percent, end_percent)
-    sites = adapter.sites(model.get_model_object("diffusion_model"))
-    selected = parse_layer_list(layers, len(sites), "layers")
     m = model.clone()
     if weight == 0:
+        parse_layer_list(layers, len(adapter.sites(model.get_model_object("diffusion_model"))), "layers")
         return m
-    state = _CallState()
+    hooks = SelfAttentionLayers(m, adapter, "freevideo_enhance_a_video")
+    selected = parse_layer_list(layers, len(hooks.sites), "layers")
+    pending = {}  # the scale waiting for the current layer's output module
+    logged = set()
 
-    def model_call(executor, x, *args, **kwargs):
-        state.layout = adapter.layout(executor.class_obj, x, args, kwargs)
-        state.armed = state.scale = None
-        try:
-            return executor(x, *args, **kwargs)
-        finally:
-            state.layout = state.armed = state.scale = None
-
-    def attention(call_next, q, k, v, heads, **kwargs):
-        site, state.armed = state.armed, None
-        if site is None or state.layout is None or not window.contains(kwargs.get("transformer_options") or {}):
+    def attention(layer, layout, call_next, q, k, v, heads, **kwargs):
+        if not window.contains(kwargs.get("transformer_options") or {}):
             return call_next(q, k, v, heads, **kwargs)
         skip_reshape = kwargs.get("skip_reshape", False)
-        span = state.layout.video_span(q.shape[2] if skip_reshape else q.shape[1])
+        span = layout.video_span(q.shape[2] if skip_reshape else q.shape[1])
         if span is None or span[1] < 2:
-            if span is not None and not state.single_frame_logged:
+            if span is not None and "single" not in logged:
                 log.info("Enhance-A-Video: one latent frame, nothing to enhance (no-op)")
-                state.single_frame_logged = True
+                logged.add("single")
             return call_next(q, k, v, heads, **kwargs)
         start, frames = span
-        stop = start + frames * state.layout.tokens_per_frame
-        qv = tokens_view(q, heads, skip_reshape)[:, start:stop]
-        kv = tokens_view(k, heads, skip_reshape)[:, start:stop]
-        scale = enhance_scale(qv, kv, frames, weight)
+        stop = start + frames * layout.tokens_per_frame
+        scale = enhance_scale(tokens_view(q, heads, skip_reshape)[:, start:stop],
+                              tokens_view(k, heads, skip_reshape)[:, start:stop], frames, weight)
         out = call_next(q, k, v, heads, **kwargs)
-        if sites[site].output is None:
+        if hooks.sites[layer].output is None:
             # The projection after this kernel also takes other features: scale the attention
             # output itself (as the official code does in single-stream blocks).
             video = out.transpose(1, 2) if kwargs.get("skip_output_reshape", False) else out
             _scale_tokens_(video[:, start:stop], scale)
         else:
-            state.scale = scale
+            pending["scale"] = scale
         return out
-
-    def arm(index):
-        def around(call, *args, **kwargs):
-            state.armed = index
-            return call(*args, **kwargs)
-        return around
 
     def scale_output(call, *args, **kwargs):
         out = call(*args, **kwargs)
-        scale, state.scale = state.scale, None
+        scale = pending.pop("scale", None)
         return out if scale is None else _scale_tokens_(out, scale)
 
-    m.add_wrapper_with_key(adapter.wrapper_type, WRAPPER_KEY, model_call)
-    add_attention_override(m, attention)
-    for index in selected:
-        site = sites[index]
-        _patch(m, site.arm, arm(index))
-        if site.output is not None:
-            # Where output is arm itself this stacks outside the arming hook.
-            _patch(m, site.output, scale_output)
+    hooks.route(selected, attention)
+    for layer in selected:
+        if hooks.sites[layer].output is not None:
+            # Where output is the arm module itself, this stacks outside the arming hook.
+            hooks.hook_module(hooks.sites[layer].output, scale_output)
     return m
-
-
-def _patch(m, path, around):
-    key = f"diffusion_model.{path}"
-    m.add_object_patch(key, hooked_copy(m.get_model_object(key), around))
