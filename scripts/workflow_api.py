@@ -1,0 +1,54 @@
+"""Convert a UI-format ComfyUI workflow (what the browser saves and users drag in) into the API
+format that /prompt takes, using the server's /object_info for each node's widget order."""
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SKIPPED_TYPES = {"Note", "MarkdownNote"}
+
+
+def _spec(info: dict) -> list[tuple[str, list]]:
+    declared = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    order = info.get("input_order", {})
+    names = order.get("required", []) + order.get("optional", []) if order else list(declared)
+    return [(name, declared[name]) for name in names]
+
+
+def _is_widget(declared: list) -> bool:
+    kind = declared[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """API-format prompt of `workflow`. Raises ValueError naming the node for unknown node types
+    and for widget values that do not fit the node's inputs."""
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in SKIPPED_TYPES:
+            continue
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"node {node['id']} ({kind}) is muted or bypassed; not supported here")
+        if kind not in object_info:
+            raise ValueError(f"node {node['id']}: unknown node type {kind}")
+        inputs = {}
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for i in node.get("inputs", []):
+            if i.get("link") is not None:
+                link = links[i["link"]]
+                inputs[i["name"]] = [str(link[1]), link[2]]
+        values = list(node.get("widgets_values", []))
+        for name, declared in _spec(object_info[kind]):
+            if not _is_widget(declared):
+                continue
+            if not values:
+                break
+            value = values.pop(0)
+            if name not in linked:
+                inputs[name] = value
+            options = declared[1] if len(declared) > 1 else {}
+            if options.get("control_after_generate"):
+                values.pop(0)
+        if values:
+            raise ValueError(f"node {node['id']} ({kind}): {len(values)} widget values left over: {values}")
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    return prompt
