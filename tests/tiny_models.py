@@ -66,3 +66,19 @@ def load_diffusion_model(path: Path):
     """Load through ComfyUI's own loader (what the UNETLoader node calls)."""
     import comfy.sd
     return comfy.sd.load_diffusion_model(str(path))
+
+
+def wan21_vae() -> Path:
+    """Wan 2.1 VAE layout with base width 8 (ComfyUI infers it from decoder.head.0.gamma)."""
+    def build():
+        from comfy.ldm.wan.vae import WanVAE
+        return WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+    return _cached("tiny_wan21_vae.safetensors", build)
+
+
+def load_vae(path: Path):
+    """Load through ComfyUI's own VAE loader (what the VAELoader node calls)."""
+    import comfy.sd
+    import comfy.utils
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
