@@ -1,0 +1,124 @@
+"""Enhance-A-Video overhead at a realistic token count: sampling time and peak memory with and
+without the node, on a Wan-shaped model (Wan 2.1 1.3B width: dim 1536, 12 heads, FFN 8960; only a
+few layers) sampling 21 latent frames of 30x52 (8190 tokens per frame sequence).
+
+Each measurement runs in a fresh process (peak memory is per process); the two configurations are
+interleaved and alternate their order; the report gives medians and ratios from this one run.
+
+    .runtime/venv/bin/python bench/bench_enhance_a_video.py [--repeats 3] [--layers 2] [--steps 2]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Highest resident set size seen while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_bytes(), False
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+
+def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int) -> dict:
+    """One measurement in this process: build the model through ComfyUI's loader, sample once."""
+    sys.path[:0] = [str(COMFY), str(ROOT / "tests")]
+    from comfy.cli_args import args
+    args.cpu = True
+    args.use_pytorch_cross_attention = True
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("freevideo", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["freevideo"] = pack
+    spec.loader.exec_module(pack)
+    import torch
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import WanModel
+    from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+    from sampling import ksample, text_conditioning
+    import tiny_models
+
+    torch.set_num_threads(os.cpu_count())
+    net = WanModel(model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, text_dim=4096, out_dim=16, num_heads=12,
+                   num_layers=layers, operations=comfy.ops.disable_weight_init)
+    tiny_models.init_weights(net)
+    model = comfy.sd.load_diffusion_model_state_dict(net.state_dict())
+    del net
+    if config == "enhance":
+        model = apply_enhance_a_video(model, weight=4.0)
+    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
+    pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
+    ksample(model, {"samples": torch.zeros(1, 16, 2, 8, 8)}, pos, neg, steps=1)  # warm-up, loads the model
+    base = rss_bytes()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        ksample(model, latent, pos, neg, steps=steps, cfg=5.0)
+        seconds = time.perf_counter() - t0
+    return {"config": config, "seconds": seconds, "peak": peak.peak, "base": base}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--height", type=int, default=30)
+    parser.add_argument("--width", type=int, default=52)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    shape = dict(layers=a.layers, steps=a.steps, frames=a.frames, height=a.height, width=a.width)
+    if a.child:
+        print(json.dumps(measure(a.child, **shape)))
+        return
+    tokens = a.frames * (a.height // 2) * (a.width // 2)
+    print(f"Wan-shaped model, dim 1536, {a.layers} layers, latent {a.frames}x{a.height}x{a.width} ({tokens} tokens), "
+          f"{a.steps} steps, CFG 5 (cond+uncond batched), SDPA attention, {os.cpu_count()} CPU threads")
+    results = {"plain": [], "enhance": []}
+    for r in range(a.repeats):
+        order = ["plain", "enhance"] if r % 2 == 0 else ["enhance", "plain"]
+        for config in order:
+            cmd = [sys.executable, __file__, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            m = json.loads(out)
+            results[config].append(m)
+            print(f"  run {r + 1} {config:8s} {m['seconds']:7.2f} s  peak {m['peak'] / 2**30:6.2f} GiB")
+    med = {c: statistics.median(m["seconds"] for m in ms) for c, ms in results.items()}
+    peak = {c: statistics.median(m["peak"] for m in ms) for c, ms in results.items()}
+    work = {c: statistics.median(m["peak"] - m["base"] for m in ms) for c, ms in results.items()}
+    print(f"median sampling time: plain {med['plain']:.2f} s, enhance {med['enhance']:.2f} s, "
+          f"ratio {med['enhance'] / med['plain']:.4f} (overhead {100 * (med['enhance'] / med['plain'] - 1):+.2f}%)")
+    print(f"median peak RSS: plain {peak['plain'] / 2**30:.3f} GiB, enhance {peak['enhance'] / 2**30:.3f} GiB, "
+          f"ratio {peak['enhance'] / peak['plain']:.4f}; sampling working set (peak - RSS before sampling) "
+          f"ratio {work['enhance'] / work['plain']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
