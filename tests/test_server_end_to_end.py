@@ -98,3 +98,10 @@ def test_every_workflow_converts_against_the_servers_node_definitions(server):
         # Other packs' nodes are not checked; the rest must convert cleanly.
         workflow["nodes"] = [n for n in workflow["nodes"] if not n["type"].startswith(THIRD_PARTY_PREFIXES)]
         assert to_api(workflow, info), path.name
+
+
+def test_workflows_are_listed_as_templates_of_the_pack(server):
+    from comfy_server import PACK_NAME, ROOT
+    templates = server.get("/workflow_templates")
+    listed = set(templates.get(PACK_NAME, []))
+    assert {p.stem for p in (ROOT / "workflows").glob("*.json")} <= listed, templates
