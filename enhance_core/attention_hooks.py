@@ -112,7 +112,12 @@ class SelfAttentionLayers:
     def _arm(self, layer):
         def around(call, *args, **kwargs):
             self._armed = layer
-            return call(*args, **kwargs)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                # Never leak into another module's kernel call (a model variant whose kernel call
+                # bypasses the override would otherwise hand its arm to the next call).
+                self._armed = None
         return around
 
     def _model_call(self, executor, x, *args, **kwargs):
