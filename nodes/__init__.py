@@ -3,8 +3,9 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .enhance_a_video import EnhanceAVideo
+from .evs_sampler import EVSSampler
 
-NODES = [EnhanceAVideo]
+NODES = [EnhanceAVideo, EVSSampler]
 
 
 class FreeVideoExtension(ComfyExtension):
