@@ -12,6 +12,9 @@ import re
 import torch
 
 OVERRIDE_KEY = "optimized_attention_override"
+# optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+# skip_output_reshape=False, ...): the optional arguments in their positional order.
+KERNEL_OPTIONAL_ARGS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 
 def add_attention_override(model_patcher, handler):
@@ -128,7 +131,10 @@ class SelfAttentionLayers:
         finally:
             self.layout = self._armed = None
 
-    def _attention(self, call_next, q, k, v, heads, **kwargs):
+    def _attention(self, call_next, q, k, v, heads, *args, **kwargs):
+        # Some callers pass the kernel's optional arguments by position (LTX-Video's masked
+        # cross-attention passes mask): handlers see them by name.
+        kwargs.update(zip(KERNEL_OPTIONAL_ARGS, args))
         layer, self._armed = self._armed, None
         if layer is None or self.layout is None:
             return call_next(q, k, v, heads, **kwargs)
@@ -165,10 +171,15 @@ class SigmaWindow:
         sampling = model_patcher.get_model_object("model_sampling")
         self.sigma_start = float(sampling.percent_to_sigma(start_percent))
         self.sigma_end = float(sampling.percent_to_sigma(end_percent))
+        self._last = (None, True)
 
     def contains(self, transformer_options: dict) -> bool:
         sigmas = transformer_options.get("sigmas")
         if sigmas is None:
             return True
-        sigma = float(sigmas.max())
-        return self.sigma_end <= sigma <= self.sigma_start
+        # Every layer of one model call sees the same sigmas tensor: read it (a device sync on
+        # GPUs) once per call, not once per layer.
+        if self._last[0] is not sigmas:
+            sigma = float(sigmas.max())
+            self._last = (sigmas, self.sigma_end <= sigma <= self.sigma_start)
+        return self._last[1]
