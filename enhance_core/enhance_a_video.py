@@ -4,7 +4,9 @@ Per selected self-attention layer and model call:
   1. the attention override sees q, k after QK-norm and RoPE, takes the video tokens and computes
      scale = clamp((F + weight) * CFI, 1), one value per batch element (cross_frame_intensity.py);
   2. the layer's output module (attention output after its projection, before the gate and the
-     residual) is multiplied by that scale, video tokens only.
+     residual) is multiplied by that scale, video tokens only. Where the family normalises that
+     output before the gate (Mochi), the norm's result is scaled instead; where the projection is
+     shared with the MLP (single-stream blocks), the kernel's output is.
 
 One scale per batch element, where the official code pools one scalar over the batch: ComfyUI
 batches cond and uncond or not depending on free memory, and the result must not depend on that.
@@ -14,6 +16,7 @@ With one batch element the two are identical.
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .attention_hooks import SelfAttentionLayers, SigmaWindow, parse_layer_list, tokens_view
 from .cross_frame_intensity import enhance_scale
@@ -22,10 +25,42 @@ from .models import adapter_for
 log = logging.getLogger(__name__)
 
 
-def _scale_tokens_(tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """tokens [B, L, C] *= scale [B], in place: the product is computed in float32 and stored in the
-    tokens' dtype, so a bf16 model gets the exact scale without a float32 copy of the output."""
-    return tokens.mul_(scale.view(-1, 1, 1))
+def _scale_video_(tokens: torch.Tensor, scale: torch.Tensor, span: tuple[int, int, int], seq_first: bool = False) -> torch.Tensor:
+    """Multiply the video tokens of tokens [B, L, ...] ([L, B, ...] when seq_first) by scale [B], in
+    place: the product is computed in float32 and stored in the tokens' dtype, so a bf16 model gets
+    the exact scale without a float32 copy of the output.
+
+    span = (start, stop, seq_len) of the video tokens in the attention call's sequence: a tensor of
+    seq_len tokens (joint attention output) is scaled on [start, stop), one of stop - start tokens
+    (video only) everywhere."""
+    view = tokens.transpose(0, 1) if seq_first else tokens
+    start, stop, seq_len = span
+    if view.shape[1] == seq_len:
+        view = view[:, start:stop]
+    elif view.shape[1] != stop - start:
+        raise RuntimeError(f"Enhance-A-Video: an attention output of {view.shape[1]} tokens matches neither the "
+                           f"{seq_len}-token sequence nor its {stop - start} video tokens; the model's layout "
+                           "is not what its adapter expects")
+    view.mul_(scale.view([-1] + [1] * (view.ndim - 1)))
+    return tokens
+
+
+class _ScaleNormResult(TorchFunctionMode):
+    """While active, scales the result of torch.nn.functional.rms_norm applied to one given tensor
+    (identified by identity, so the block's other norms are untouched). This reaches a point inside a
+    block's forward that no module boundary exposes: Mochi normalises the attention output there."""
+
+    def __init__(self, pending: dict):
+        super().__init__()
+        self.pending = pending
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        target = self.pending.get("normalized")
+        if func is torch.nn.functional.rms_norm and target is not None and args and args[0] is target:
+            del self.pending["normalized"]
+            out = _scale_video_(out, self.pending.pop("scale"), self.pending.pop("span"))
+        return out
 
 
 def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_percent: float = 1.0, layers: str = "all"):
@@ -42,14 +77,20 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
         return m
     hooks = SelfAttentionLayers(m, adapter, "freevideo_enhance_a_video")
     selected = parse_layer_list(layers, len(hooks.sites), "layers")
-    pending = {}  # the scale waiting for the current layer's output module
+    pending = {}  # the scale (and video span) waiting for the current layer's output module
     logged = set()
 
     def attention(layer, layout, call_next, q, k, v, heads, **kwargs):
+        pending.clear()  # nothing from an earlier, interrupted call may reach this layer's output
         if not window.contains(kwargs.get("transformer_options") or {}):
             return call_next(q, k, v, heads, **kwargs)
         skip_reshape = kwargs.get("skip_reshape", False)
-        span = layout.video_span(q.shape[2] if skip_reshape else q.shape[1])
+        seq_len = q.shape[2] if skip_reshape else q.shape[1]
+        if (k.shape[2] if skip_reshape else k.shape[1]) != seq_len:
+            # Not the whole sequence attending to itself (a layer that splits its queries into
+            # several kernel calls): nothing to measure here.
+            return call_next(q, k, v, heads, **kwargs)
+        span = layout.video_span(seq_len)
         if span is None or span[1] < 2:
             if span is not None and "single" not in logged:
                 log.info("Enhance-A-Video: one latent frame, nothing to enhance (no-op)")
@@ -64,19 +105,44 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
             # The projection after this kernel also takes other features: scale the attention
             # output itself (as the official code does in single-stream blocks).
             video = out.transpose(1, 2) if kwargs.get("skip_output_reshape", False) else out
-            _scale_tokens_(video[:, start:stop], scale)
+            _scale_video_(video, scale, (start, stop, seq_len))
         else:
-            pending["scale"] = scale
+            pending["scale"], pending["span"] = scale, (start, stop, seq_len)
         return out
 
-    def scale_output(call, *args, **kwargs):
+    def scale_output(seq_first):
+        def around(call, *args, **kwargs):
+            out = call(*args, **kwargs)
+            if "scale" not in pending:
+                return out
+            return _scale_video_(out, pending.pop("scale"), pending.pop("span"), seq_first)
+        return around
+
+    def mark_output(call, *args, **kwargs):
+        # The output is normalised later in the block: remember which tensor that norm will get.
         out = call(*args, **kwargs)
-        scale = pending.pop("scale", None)
-        return out if scale is None else _scale_tokens_(out, scale)
+        if "scale" in pending:
+            pending["normalized"] = out
+        return out
+
+    def scale_after_norm(call, *args, **kwargs):
+        with _ScaleNormResult(pending):
+            out = call(*args, **kwargs)
+        if "scale" in pending:
+            pending.clear()
+            raise RuntimeError("Enhance-A-Video: this block no longer applies rms_norm to its attention output "
+                               "where the model adapter expects it (ComfyUI changed the block); the scale was not applied")
+        return out
 
     hooks.route(selected, attention)
     for layer in selected:
-        if hooks.sites[layer].output is not None:
-            # Where output is the arm module itself, this stacks outside the arming hook.
-            hooks.hook_module(hooks.sites[layer].output, scale_output)
+        site = hooks.sites[layer]
+        if site.output is None:
+            continue
+        # Where output is the arm module itself, this stacks outside the arming hook.
+        if site.normalized_in is None:
+            hooks.hook_module(site.output, scale_output(site.output_seq_first))
+        else:
+            hooks.hook_module(site.output, mark_output)
+            hooks.hook_module(site.normalized_in, scale_after_norm)
     return m

@@ -17,8 +17,16 @@ class AttentionSite:
     arm: str
     # The module whose output is this layer's attention output after its output projection, video
     # tokens only. None where the projection is shared with other features (a single-stream block's
-    # linear2 mixes attention and MLP): the kernel's output is then the place to act.
+    # linear2 mixes attention and MLP): the kernel's output is then the place to act. In joint
+    # attention whose projection also carries the text tokens (CogVideoX), only the video tokens of
+    # the output are scaled.
     output: str | None
+    # The output is [tokens, batch, channels] instead of [batch, tokens, channels] (Cosmos 1.0).
+    output_seq_first: bool = False
+    # The module in whose forward `output`'s result goes through a scale-invariant RMS norm before
+    # the gate and the residual (Mochi's sandwich norm): a plain scale of `output` would cancel, so
+    # a method acts on that norm's result instead.
+    normalized_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,14 +36,25 @@ class TokenLayout:
     tokens_per_frame: int
     text_tokens: int = 0
     text_first: bool = False
+    # Joint attention whose text length is only known inside the model (HunyuanVideo appends byT5
+    # and vision tokens, Mochi crops padding): the video frame count, the rest of the sequence is
+    # text. None: the video is what text_tokens leaves.
+    frames: int | None = None
 
     def video_span(self, seq_len: int) -> tuple[int, int] | None:
         """(first video token, frame count) in a sequence of seq_len tokens, or None when the
         sequence does not hold whole frames (not a video self-attention call)."""
-        video = seq_len - self.text_tokens
-        if video <= 0 or video % self.tokens_per_frame:
-            return None
-        start = self.text_tokens if self.text_first else 0
+        if self.frames is not None:
+            video = self.frames * self.tokens_per_frame
+            text = seq_len - video
+            if video <= 0 or text < 0:
+                return None
+        else:
+            text = self.text_tokens
+            video = seq_len - text
+            if video <= 0 or video % self.tokens_per_frame:
+                return None
+        start = text if self.text_first else 0
         return start, video // self.tokens_per_frame
 
 
@@ -55,13 +74,16 @@ class FamilyAdapter:
     def sites(self, diffusion_model) -> list[AttentionSite]:
         raise NotImplementedError
 
-    def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
+    def layout(self, wrapped, x, args, kwargs) -> TokenLayout:
+        """The layout of one model call, from what the wrapper sees: `wrapped` is the diffusion
+        model for "diffusion_model" wrappers, the model_base model for "apply_model"."""
         raise NotImplementedError
 
 
 def _adapters() -> list[FamilyAdapter]:
-    from . import wan
-    return [wan.ADAPTER]
+    from . import cogvideox, cosmos, hunyuan_video, kandinsky5, ltxv, mochi, wan
+    return [wan.ADAPTER, hunyuan_video.ADAPTER, ltxv.ADAPTER, mochi.ADAPTER, cosmos.PREDICT2_ADAPTER,
+            cosmos.COSMOS1_ADAPTER, cogvideox.ADAPTER, kandinsky5.ADAPTER]
 
 
 def supported_families() -> list[str]:

@@ -1,0 +1,34 @@
+"""LTX-Video (`comfy/ldm/lightricks`).
+
+Self-attention is `transformer_blocks.i.attn1`; its forward ends with the output projection
+`to_out`, before the block's gate and residual. Patch size 1: one token per latent pixel, frame-major.
+Guide frames (LTXVAddGuide appends their latents along time) are more video frames. LTX-2's
+audio-video model subclasses LTXVModel with a different latent layout and is not covered.
+"""
+
+from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+
+
+class LTXVAdapter(FamilyAdapter):
+    name = "LTX-Video"
+
+    def matches(self, diffusion_model) -> bool:
+        from comfy.ldm.lightricks.model import LTXVModel
+        if not isinstance(diffusion_model, LTXVModel):
+            return False
+        try:
+            from comfy.ldm.lightricks.av_model import LTXAVModel
+        except ImportError:
+            return True
+        return not isinstance(diffusion_model, LTXAVModel)
+
+    def sites(self, diffusion_model) -> list[AttentionSite]:
+        return [AttentionSite(arm=f"transformer_blocks.{i}.attn1", output=f"transformer_blocks.{i}.attn1")
+                for i in range(len(diffusion_model.transformer_blocks))]
+
+    def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
+        _, ph, pw = diffusion_model.patchifier.patch_size
+        return TokenLayout(tokens_per_frame=patched_tokens(x.shape[-2], ph) * patched_tokens(x.shape[-1], pw))
+
+
+ADAPTER = LTXVAdapter()
