@@ -2,10 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .attention_inspector import AttentionInspector
 from .enhance_a_video import EnhanceAVideo
+from .entropy_guidance import EntropyGuidance
 from .evs_sampler import EVSSampler
 
-NODES = [EnhanceAVideo, EVSSampler]
+NODES = [EnhanceAVideo, EVSSampler, EntropyGuidance, AttentionInspector]
 
 
 class FreeVideoExtension(ComfyExtension):

@@ -1,0 +1,175 @@
+"""Per-layer attention statistics of one conditional model evaluation, and a chart of them.
+
+For every self-attention layer: the normalised attention entropy IE-Adapt ranks layers by (whole
+self-attention map, conditional batch elements; attention_entropy.py) and Enhance-A-Video's cross-
+frame intensity (mean off-diagonal temporal attention over the video tokens; cross_frame_intensity.py).
+The evaluation is one real ComfyUI sampler call at the given sigma (noise scaled onto the latent by
+the model's own model_sampling), so conditioning, latent format and patches are the ones sampling uses.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from .attention_entropy import DEFAULT_ROWS, attention_entropy, heads_first
+from .attention_hooks import SelfAttentionLayers, tokens_view
+from .cross_frame_intensity import temporal_off_diagonal_mean
+from .models import adapter_for
+
+
+@dataclass
+class AttentionReport:
+    sigma: float
+    entropy: list  # per layer, normalised [0, 1]
+    cfi: list  # per layer, None where the call had fewer than 2 latent frames
+    top: list  # the layers IE-Adapt's registry would pick (top_k highest entropy)
+    exact: bool
+
+    def table(self) -> str:
+        lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'}; "
+                 f"IE-Adapt top {len(self.top)}: {', '.join(map(str, self.top))}",
+                 "layer  entropy  CFI"]
+        for i, (e, c) in enumerate(zip(self.entropy, self.cfi)):
+            mark = "  <- registered" if i in self.top else ""
+            lines.append(f"{i:5d}  {e:7.4f}  {'n/a' if c is None else f'{c:.4f}'}{mark}")
+        return "\n".join(lines)
+
+
+def _one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A k-diffusion style sampler that evaluates the model once, at sigmas[0]."""
+    model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+    return x
+
+
+def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0, entropy_rows: int = DEFAULT_ROWS,
+                      top_k: int = 1) -> AttentionReport:
+    adapter = adapter_for(model)
+    sampling = model.get_model_object("model_sampling")
+    lo, hi = float(sampling.sigma_min), float(sampling.sigma_max)
+    if not lo <= sigma <= hi * (1 + 1e-6):
+        raise ValueError(f"sigma: {sigma} is outside this model's range {lo:.4g} to {hi:.4g}")
+    n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
+    if not 1 <= top_k <= n_layers:
+        raise ValueError(f"top_k: {top_k}; this model has {n_layers} self-attention layers, use 1 to {n_layers}")
+    if entropy_rows < 0:
+        raise ValueError(f"entropy_rows: {entropy_rows}; use 0 (exact entropy) or a positive number of query rows per head")
+    rows = None if entropy_rows == 0 else entropy_rows
+
+    clone = model.clone()
+    hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector")
+    sums = {}
+    progress = comfy.utils.ProgressBar(n_layers)
+
+    def measure(layer, layout, call_next, q, k, v, heads, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        groups = options.get("cond_or_uncond") or [0]
+        per = q.shape[0] // len(groups)
+        cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
+        if cond:
+            skip_reshape = kwargs.get("skip_reshape", False)
+            index = torch.tensor(cond, device=q.device)
+            mask = kwargs.get("mask")
+            if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0] > 1:
+                mask = mask.index_select(0, index)
+            e = attention_entropy(heads_first(q, heads, skip_reshape).index_select(0, index),
+                                  heads_first(k, heads, skip_reshape).index_select(0, index), mask, rows=rows)
+            cfi = None
+            span = layout.video_span(q.shape[2] if skip_reshape else q.shape[1])
+            if span is not None and span[1] >= 2:
+                start, frames = span
+                stop = start + frames * layout.tokens_per_frame
+                cfi = temporal_off_diagonal_mean(tokens_view(q, heads, skip_reshape).index_select(0, index)[:, start:stop],
+                                                 tokens_view(k, heads, skip_reshape).index_select(0, index)[:, start:stop], frames)
+            s = sums.setdefault(layer, [0.0, 0, 0.0, 0])
+            s[0] += float(e.sum())
+            s[1] += e.numel()
+            if cfi is not None:
+                s[2] += float(cfi.sum())
+                s[3] += cfi.numel()
+            progress.update_absolute(len(sums))
+        return call_next(q, k, v, heads, **kwargs)
+
+    hooks.route(range(n_layers), measure)
+    samples = comfy.sample.fix_empty_latent_channels(clone, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed)
+    sigmas = torch.tensor([float(sigma), 0.0])
+    # cfg 1: ComfyUI skips the unconditional pass, so negative = positive is never evaluated.
+    with torch.no_grad():
+        comfy.sample.sample_custom(clone, noise, 1.0, comfy.samplers.KSAMPLER(_one_evaluation), sigmas, positive, positive,
+                                   samples, noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+    if len(sums) != n_layers:
+        raise RuntimeError(f"attention inspector: measured {len(sums)} of {n_layers} self-attention layers; "
+                           "the model did not run its self-attention through ComfyUI's attention functions")
+    entropy = [sums[i][0] / sums[i][1] for i in range(n_layers)]
+    cfi = [sums[i][2] / sums[i][3] if sums[i][3] else None for i in range(n_layers)]
+    top = sorted(sorted(range(n_layers), key=lambda i: (-entropy[i], i))[:top_k])
+    return AttentionReport(float(sigma), entropy, cfi, top, rows is None)
+
+
+# chart --------------------------------------------------------------------------------------------
+_BG, _AXIS, _TEXT, _GRID = (250, 250, 250), (60, 60, 60), (20, 20, 20), (215, 215, 215)
+_BAR, _PICK, _CFI = (70, 120, 180), (235, 120, 30), (90, 160, 90)
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def render_chart(report: AttentionReport) -> torch.Tensor:
+    """Bar charts of entropy (registered layers highlighted) and CFI per layer: IMAGE [1, H, W, 3] float."""
+    from PIL import Image, ImageDraw
+    n = len(report.entropy)
+    left, right, top_pad = 56, 20, 44
+    panel, gap, bottom = 170, 58, 44
+    width = max(720, left + right + max(6, min(40, 1100 // max(n, 1))) * n)
+    bar = min(60, (width - left - right) // n)
+    height = top_pad + 2 * panel + gap + bottom
+    img = Image.new("RGB", (width, height), _BG)
+    d = ImageDraw.Draw(img)
+    title, small = _font(15), _font(12)
+    picks = ", ".join(f"{i} ({report.entropy[i]:.3f})" for i in report.top)
+    d.text((left, 6), f"Self-attention entropy at sigma {report.sigma:.4g} ({'exact' if report.exact else 'sampled'}); "
+                      f"IE-Adapt top {len(report.top)}: {picks}", fill=_TEXT, font=title)
+    plot_w = bar * n
+    label_every = max(1, math.ceil(22 / bar))
+
+    def panel_at(y0, values, vmax, colour, name, ticks):
+        y1 = y0 + panel
+        for t in ticks:
+            y = y1 - t / vmax * panel
+            d.line([(left, y), (left + plot_w, y)], fill=_GRID)
+            d.text((4, y - 7), f"{t:.2f}", fill=_TEXT, font=small)
+        for i, v in enumerate(values):
+            x0 = left + i * bar
+            if v is None:
+                continue
+            fill = _PICK if (colour is _BAR and i in report.top) else colour
+            y_top = y1 - max(v, 0) / vmax * panel
+            d.rectangle([x0 + 1, y_top, x0 + bar - 2, y1], fill=fill)
+            if bar >= 30:
+                d.text((x0 + 2, y_top - 13), f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}", fill=_TEXT, font=small)
+        d.line([(left, y0), (left, y1), (left + plot_w, y1)], fill=_AXIS)
+        for i in range(0, n, label_every):
+            d.text((left + i * bar + 1, y1 + 3), str(i), fill=_TEXT, font=small)
+        d.text((left, y0 - 16), name, fill=_TEXT, font=small)
+
+    panel_at(top_pad + 14, report.entropy, 1.1, _BAR, "normalised entropy (orange: registered by IE-Adapt)", (0.25, 0.5, 0.75, 1.0))
+    cfis = [c for c in report.cfi if c is not None]
+    y_cfi = top_pad + 14 + panel + gap
+    if cfis:
+        vmax = max(max(cfis) * 1.15, 1e-6)
+        panel_at(y_cfi, report.cfi, vmax, _CFI, "Enhance-A-Video cross-frame intensity (CFI)", [vmax * f for f in (0.25, 0.5, 0.75)])
+    else:
+        d.text((left, y_cfi + panel // 2), "CFI needs at least 2 latent frames", fill=_TEXT, font=title)
+    d.text((left, height - 16), "layer (position in the model's list of self-attention layers)", fill=_TEXT, font=small)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)

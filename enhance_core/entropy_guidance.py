@@ -1,0 +1,295 @@
+"""IE-Adapt quality guidance (Understanding Attention Mechanism in Video Diffusion Models, sec. 4.1)
+on a clone of a ComfyUI video model.
+
+Registry: on the first model evaluation of a sampling run inside the sigma window, the conditional
+pass measures the normalised attention entropy of every self-attention layer (attention_entropy.py,
+sampled estimate by default) and registers the top-k. A manual layer list skips the choice; its
+layers' entropies are still measured and logged at that evaluation.
+
+Branches: in extra batch elements that copy the conditional input, the registered layers' attention
+map is replaced by the identity I (output = V) or the uniform map U (every row 1/n: output = the mean
+of V over the keys, for every query). With the original map A (e_c) that gives
+    guided = e_u + s (e_c - e_u) + lambda (e_pos - e_neg),  (pos, neg) in {(U, I), (A, I), (U, A)}
+(paper eq. 5). ComfyUI combines denoised predictions, not noise; denoised = x - sigma * eps, and the
+lambda term's weights sum to zero, so the same formula on denoised values is exactly eq. 5 on noise.
+
+Batching: the branches are appended to the conds of the step's calc_cond_batch call, so ComfyUI's own
+memory check batches them with cond and uncond in one forward when they fit and splits the batch
+when not. transformer_options["cond_or_uncond"] says which batch elements are which conds, and the
+attention handler perturbs only the branch elements. The one exception is the registry evaluation:
+the layer choice needs the whole conditional forward, so that evaluation runs the branches in a
+second call.
+
+Text tokens (HunyuanVideo, Mochi joint attention): the replaced map is the layer's whole self-
+attention map, text rows and keys included, as in the paper's CogVideoX analysis (full 3D attention
+over text and video): I returns every token's own value, U the mean value over every key the mask
+allows, for every query. The entropy that picks the layers is measured over the same whole map.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from .attention_entropy import DEFAULT_ROWS, attention_entropy, heads_first, mask_4d
+from .attention_hooks import OVERRIDE_KEY, SelfAttentionLayers, SigmaWindow, parse_layer_list
+from .models import adapter_for
+
+log = logging.getLogger(__name__)
+
+BRANCHES = ("uniform", "original", "identity")
+# (positive, negative) pairs of the paper (table 2): the positive branch ranks higher in quality
+# (U > A > I); (U, I) had the best average rank, (A, I) is perturbed-attention guidance.
+PAIRS = (("uniform", "identity"), ("original", "identity"), ("uniform", "original"))
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """What one calc_cond_batch call asks of the attention handler. Not a dict: ComfyUI's per-call
+    merge of transformer_options copies dicts but passes other values through by reference."""
+
+    branches: dict = field(default_factory=dict)  # cond index -> "identity" | "uniform"
+    measure: bool = False
+
+
+def _with_plan(model_options: dict, key: str, plan: _CallPlan) -> dict:
+    options = model_options.copy()
+    options["transformer_options"] = dict(options.get("transformer_options", {}), **{key: plan})
+    return options
+
+
+def _batch_mask(mask, batch: int, index: torch.Tensor):
+    """The rows `index` of a kernel mask that has a batch dimension of `batch`, else the mask."""
+    if mask is None or mask.ndim < 3 or mask.shape[0] != batch or batch == 1:
+        return mask
+    return mask.index_select(0, index)
+
+
+def replaced_attention(kind: str, v: torch.Tensor, n_queries: int, mask=None) -> torch.Tensor:
+    """Output of attention with map I (kind "identity") or U ("uniform"); v [B, H, Lk, D] -> [B, H, Lq, D].
+
+    U with a mask is softmax(mask) @ V: uniform over the keys each query may attend to."""
+    if kind == "identity":
+        if v.shape[2] != n_queries:
+            raise RuntimeError(f"IE-Adapt: identity map needs a square self-attention map, got {n_queries} queries x {v.shape[2]} keys")
+        return v
+    if mask is None:
+        mean = v.mean(dim=2, keepdim=True, dtype=torch.float32).to(v.dtype)
+        return mean.expand(-1, -1, n_queries, -1)
+    m = mask_4d(mask)
+    weights = torch.zeros(m.shape, device=v.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else m.float()
+    weights = weights.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).expand(-1, -1, n_queries, -1)
+
+
+class EntropyGuidance:
+    """The state and hooks of one IE-Adapt node's clone. Sampling hooks are closures over this object
+    (ComfyUI deep-copies model_options on every clone; a bound method there would copy the model)."""
+
+    def __init__(self, model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
+                 top_k: int = 1, entropy_rows: int = DEFAULT_ROWS, start_percent: float = 0.0, end_percent: float = 1.0):
+        adapter = adapter_for(model)
+        n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
+        _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows)
+        self.auto = layers.strip().lower() == "auto"
+        if not self.auto and not layers.strip():
+            raise ValueError("layers: empty; use 'auto' (register the top_k highest-entropy layers) or indices such as '12' or '10-12, 20'")
+        self.manual = None if self.auto else parse_layer_list(layers, n_layers, "layers")
+        self.window = SigmaWindow(model, start_percent, end_percent)
+        self.scale, self.positive, self.negative = float(scale), positive, negative
+        self.top_k, self.n_layers = top_k, n_layers
+        self.rows = None if entropy_rows == 0 else entropy_rows
+        self.kinds = tuple(b for b in (positive, negative) if b != "original")  # branches needing a forward
+        self.clone = model.clone()
+        self.registered = None  # layer indices of this sampling run
+        self.entropies = {}  # layer -> normalised entropy measured at the registry evaluation
+        self._sink = {}
+        self._pending = None
+        self._needs_report = None  # None until a sampling run starts
+        if self.scale == 0:
+            return
+        self.key = f"freevideo_ie_adapt_{id(self)}"
+        # Slicing the branch elements out of the kernel call saves their attention at the registered
+        # layers, but an override installed before ours (another pack, Enhance-A-Video) may keep
+        # per-call state shaped like the whole batch: then the kernel gets the whole batch.
+        self._slice = OVERRIDE_KEY not in self.clone.model_options.get("transformer_options", {})
+        hooks = SelfAttentionLayers(self.clone, adapter, self.key)
+        hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
+        self._previous = self.clone.model_options.get("sampler_calc_cond_batch_function")
+        state = self
+        self.clone.set_model_sampler_calc_cond_batch_function(lambda args: state._calc_cond_batch(args))
+        self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
+        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
+                                        lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
+
+    # sampling run -----------------------------------------------------------------------------
+    def _new_run(self, executor, *args, **kwargs):
+        self.registered = None if self.auto else list(self.manual)
+        self.entropies, self._pending = {}, None
+        self._needs_report = True
+        return executor(*args, **kwargs)
+
+    def _active(self, sigma, cond) -> bool:
+        return cond is not None and self.window.contains({"sigmas": sigma})
+
+    def _base(self, args, model_options):
+        if self._previous is not None:
+            return self._previous(dict(args, model_options=model_options))
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"], model_options)
+
+    def _calc_cond_batch(self, args):
+        conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        self._pending = None
+        if not self._active(sigma, conds[0]):
+            return self._base(args, options)
+        if self._needs_report is None:  # sampled without an OUTER_SAMPLE wrapper call
+            self._new_run(lambda: None)
+        n = len(conds)
+        branches = {n + j: kind for j, kind in enumerate(self.kinds)}
+        measure = self._needs_report
+        if self.registered is None or self._previous is not None:
+            # The layer choice needs the finished conditional pass; a chained calc function owns the
+            # plain conds: branches go in a second call.
+            out = self._base(args, _with_plan(options, self.key, _CallPlan(measure=measure)))
+            self._finish_measurement(sigma)
+            extra = comfy.samplers.calc_cond_batch(model, [None] * n + [conds[0]] * len(self.kinds), x, sigma,
+                                                   _with_plan(options, self.key, _CallPlan(branches)))[n:]
+        else:
+            res = comfy.samplers.calc_cond_batch(model, list(conds) + [conds[0]] * len(self.kinds), x, sigma,
+                                                 _with_plan(options, self.key, _CallPlan(branches, measure)))
+            out, extra = res[:n], res[n:]
+            self._finish_measurement(sigma)
+        self._pending = (sigma, x, dict(zip(self.kinds, extra)))
+        return out
+
+    def _post_cfg(self, args):
+        denoised = args["denoised"]
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not args["sigma"] or pending[1] is not args["input"]:
+            if not self._active(args["sigma"], args["cond"]):
+                return denoised
+            # A node applied after this one replaced the calc function: run the branches here.
+            pending = (None, None, self._branches_alone(args))
+        if not self.registered:
+            return denoised
+        preds = dict(pending[2], original=args["cond_denoised"])
+        return denoised + self.scale * (preds[self.positive] - preds[self.negative])
+
+    def _branches_alone(self, args):
+        model, x, sigma, options, cond = args["model"], args["input"], args["sigma"], args["model_options"], args["cond"]
+        if self._needs_report is None:
+            self._new_run(lambda: None)
+        if self._needs_report:
+            comfy.samplers.calc_cond_batch(model, [cond], x, sigma, _with_plan(options, self.key, _CallPlan(measure=True)))
+            self._finish_measurement(sigma)
+        branches = {j: kind for j, kind in enumerate(self.kinds)}
+        extra = comfy.samplers.calc_cond_batch(model, [cond] * len(self.kinds), x, sigma, _with_plan(options, self.key, _CallPlan(branches)))
+        return dict(zip(self.kinds, extra))
+
+    # registry ---------------------------------------------------------------------------------
+    def _finish_measurement(self, sigma):
+        if not self._needs_report:
+            return
+        self._needs_report = False
+        self.entropies = {layer: total / count for layer, (total, count) in sorted(self._sink.items())}
+        self._sink = {}
+        if not self.entropies:
+            log.warning("IE-Adapt: the conditional pass reached no self-attention layer; guidance is off for this run")
+            self.registered = []
+            return
+        if self.registered is None:
+            ranked = sorted(self.entropies, key=lambda layer: (-self.entropies[layer], layer))
+            self.registered = sorted(ranked[:self.top_k])
+        chosen = ", ".join(f"{layer} ({self.entropies[layer]:.3f})" for layer in self.registered)
+        values = sorted(self.entropies.values())
+        how = f"top {self.top_k} of {self.n_layers} by entropy" if self.auto else "manual list"
+        log.info("IE-Adapt: layer(s) %s [%s] at sigma %.4g, normalised attention entropy; measured %d layers, range %.3f-%.3f, median %.3f",
+                 chosen, how, float(sigma.max()), len(values), values[0], values[-1], values[len(values) // 2])
+
+    # attention --------------------------------------------------------------------------------
+    def _attention(self, layer, layout, call_next, q, k, v, heads, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        plan = options.get(self.key)
+        if plan is None:
+            return call_next(q, k, v, heads, **kwargs)
+        groups = options.get("cond_or_uncond") or [0]
+        b = q.shape[0]
+        per = b // len(groups)
+        skip_reshape = kwargs.get("skip_reshape", False)
+        mask = kwargs.get("mask")
+        if plan.measure:
+            cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
+            if cond:
+                index = torch.tensor(cond, device=q.device)
+                e = attention_entropy(heads_first(q, heads, skip_reshape).index_select(0, index),
+                                      heads_first(k, heads, skip_reshape).index_select(0, index),
+                                      _batch_mask(mask, b, index), rows=self.rows)
+                total, count = self._sink.get(layer, (0.0, 0))
+                self._sink[layer] = (total + float(e.sum()), count + e.numel())
+        kinds = [plan.branches.get(c) for c in groups]
+        if not plan.branches or layer not in (self.registered or ()) or not any(kinds):
+            return call_next(q, k, v, heads, **kwargs)
+        return self._perturbed(kinds, per, call_next, q, k, v, heads, **kwargs)
+
+    def _perturbed(self, kinds, per, call_next, q, k, v, heads, **kwargs):
+        b = q.shape[0]
+        skip_reshape = kwargs.get("skip_reshape", False)
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        mask = kwargs.get("mask")
+        options = kwargs["transformer_options"]
+        element_kind = [kinds[i // per] for i in range(b)]
+        normal = [i for i in range(b) if element_kind[i] is None]
+        if normal and not self._slice:
+            out = call_next(q, k, v, heads, **kwargs)
+        elif normal:
+            index = torch.tensor(normal, device=q.device)
+            sub = dict(kwargs, transformer_options=dict(options, cond_or_uncond=[c for c, kind in zip(options["cond_or_uncond"], kinds) if kind is None]))
+            if "mask" in kwargs:
+                sub["mask"] = _batch_mask(mask, b, index)
+            part = call_next(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index), heads, **sub)
+            out = part.new_empty((b,) + tuple(part.shape[1:]))
+            out[index] = part
+        else:
+            hq = heads_first(q, heads, skip_reshape)
+            n_q, dim = hq.shape[2], v.shape[-1] if skip_reshape else v.shape[-1] // heads
+            shape = (b, heads, n_q, dim) if skip_output_reshape else (b, n_q, heads * dim)
+            out = q.new_empty(shape)
+        vh = heads_first(v, heads, skip_reshape)
+        n_q = q.shape[2] if skip_reshape else q.shape[1]
+        for kind in ("identity", "uniform"):
+            rows = [i for i in range(b) if element_kind[i] == kind]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=q.device)
+            r = replaced_attention(kind, vh.index_select(0, index), n_q, _batch_mask(mask, b, index))
+            if not skip_output_reshape:
+                r = r.transpose(1, 2).reshape(len(rows), n_q, -1)
+            out[index] = r.to(out.dtype)
+        return out
+
+
+def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows):
+    if scale < 0:
+        raise ValueError(f"scale: {scale} is negative; use 0 (off) or more (the direction is set by the branch pair)")
+    for name, value in (("positive_branch", positive), ("negative_branch", negative)):
+        if value not in BRANCHES:
+            raise ValueError(f"{name}: '{value}' is not a branch; use one of {', '.join(BRANCHES)}")
+    allowed = "; ".join(f"{p} / {n}" for p, n in PAIRS)
+    if positive == negative:
+        raise ValueError(f"positive_branch and negative_branch are both '{positive}': their difference is zero. Use one of (positive / negative): {allowed}")
+    if (positive, negative) not in PAIRS:
+        raise ValueError(f"positive_branch '{positive}' with negative_branch '{negative}' guides towards lower quality "
+                         f"(the paper's ranking is uniform > original > identity). Use one of (positive / negative): {allowed}")
+    if not 1 <= top_k <= n_layers:
+        raise ValueError(f"top_k: {top_k}; this model has {n_layers} self-attention layers, use 1 to {n_layers}")
+    if entropy_rows < 0:
+        raise ValueError(f"entropy_rows: {entropy_rows}; use 0 (exact entropy) or a positive number of query rows per head")
+
+
+def apply_entropy_guidance(model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
+                           top_k: int = 1, entropy_rows: int = DEFAULT_ROWS, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of `model` with IE-Adapt guidance; scale 0 returns a plain clone (bit-identical sampling)."""
+    return EntropyGuidance(model, scale, positive, negative, layers, top_k, entropy_rows, start_percent, end_percent).clone

@@ -1,0 +1,44 @@
+from comfy_api.latest import io
+
+from ..enhance_core.attention_entropy import DEFAULT_ROWS
+from ..enhance_core.attention_inspector import inspect_attention, render_chart
+
+
+class AttentionInspector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeVideoAttentionInspector",
+            display_name="Attention Inspector (entropy / CFI)",
+            category="FreeVideo",
+            description=(
+                "Runs the model once on the conditional input at one sigma and charts, for every self-attention layer, "
+                "the normalised attention entropy (orange: the layers IE-Adapt Entropy Guidance would register) and "
+                "Enhance-A-Video's cross-frame intensity. Costs about one model call."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The video model to inspect (cloned; the input stays untouched)."),
+                io.Latent.Input("latent", tooltip="The latent the sampler would start from (e.g. an empty video latent): "
+                                                  "its size sets the token count and frame count."),
+                io.Conditioning.Input("positive", tooltip="The positive (conditional) prompt; IE-Adapt's registry "
+                                                          "measures the conditional pass."),
+                io.Float.Input("sigma", default=1.0, min=0.0, max=1000.0, step=0.001,
+                               tooltip="Noise level to evaluate at. The guidance registers at its first active step: with "
+                                       "start_percent 0 that is the schedule's first sigma (1.0 for Wan and other flow models)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the noise added to the latent at sigma."),
+                io.Int.Input("top_k", default=1, min=1, max=200,
+                             tooltip="How many highest-entropy layers to highlight (the guidance node's top_k)."),
+                io.Int.Input("entropy_rows", default=DEFAULT_ROWS, min=0, max=65536,
+                             tooltip="Query rows per head of the entropy estimate (as in the guidance node); 0 = exact."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="chart", tooltip="Bar charts of entropy and CFI per self-attention layer."),
+                io.String.Output(display_name="report", tooltip="The same values as a text table."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, positive, sigma, seed, top_k, entropy_rows) -> io.NodeOutput:
+        report = inspect_attention(model, latent, positive, sigma, seed, entropy_rows, top_k)
+        return io.NodeOutput(render_chart(report), report.table())

@@ -1,0 +1,58 @@
+from comfy_api.latest import io
+
+from ..enhance_core.attention_entropy import DEFAULT_ROWS
+from ..enhance_core.entropy_guidance import BRANCHES, apply_entropy_guidance
+from ..enhance_core.models import supported_families
+
+
+class EntropyGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeVideoEntropyGuidance",
+            display_name="IE-Adapt Entropy Guidance",
+            category="FreeVideo",
+            description=(
+                "IE-Adapt quality guidance: at the first active step it measures the attention entropy of every "
+                "self-attention layer and registers the highest-entropy layer(s); extra branches replace those layers' "
+                "attention map by the uniform map (output = mean of V) or the identity (output = V), and the sampler adds "
+                "scale x (positive branch - negative branch) to the CFG result. Costs one extra batch element per step "
+                "for an 'original' pair, two otherwise; works at CFG 1. Supported: " + "; ".join(supported_families()) + "."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The video model to guide. It is cloned; the input stays untouched."),
+                io.Float.Input("scale", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Guidance weight lambda, independent of the CFG scale: guided = uncond + cfg x "
+                                       "(cond - uncond) + lambda x (positive - negative). 0 turns the node off."),
+                io.Combo.Input("positive_branch", options=list(BRANCHES), default="uniform",
+                               tooltip="Attention map of the registered layers in the branch guided towards: 'uniform' "
+                                       "(every query gets the mean value; highest entropy, best quality in the paper) or "
+                                       "'original' (the unchanged conditional prediction, no extra pass)."),
+                io.Combo.Input("negative_branch", options=list(BRANCHES), default="identity",
+                               tooltip="Attention map of the branch guided away from: 'identity' (each token keeps its own "
+                                       "value; lowest entropy) or 'original'. Allowed pairs: uniform/identity (paper's best "
+                                       "rank), original/identity (perturbed-attention guidance), uniform/original."),
+                io.String.Input("layers", default="auto",
+                                tooltip="'auto': register the top_k layers with the highest attention entropy at the first "
+                                        "active step (logged; see the Attention Inspector node). Or a fixed list of "
+                                        "self-attention layer indices such as '12' or '10-12, 20'."),
+                io.Int.Input("top_k", default=1, min=1, max=200,
+                             tooltip="How many highest-entropy layers 'auto' registers (the paper uses 1). Ignored with a "
+                                     "manual layer list; must not exceed the model's number of self-attention layers."),
+                io.Int.Input("entropy_rows", default=DEFAULT_ROWS, min=0, max=65536,
+                             tooltip="Query rows per head the registry's entropy estimate uses (exact over all keys; within "
+                                     "1% of the exact value in tests). 0 computes the exact entropy over every row, "
+                                     "which costs about one attention pass per layer."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the sampling run (0 = first step) where the guidance starts; the "
+                                       "registry is measured at the first step inside the window."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the sampling run where the guidance stops."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, positive_branch, negative_branch, layers, top_k, entropy_rows, start_percent, end_percent) -> io.NodeOutput:
+        return io.NodeOutput(apply_entropy_guidance(model, scale, positive_branch, negative_branch, layers, top_k,
+                                                    entropy_rows, start_percent, end_percent))

@@ -1,0 +1,266 @@
+"""IE-Adapt guidance and the attention inspector through ComfyUI's real patcher and samplers, on tiny Wan 2.1."""
+
+import logging
+
+import pytest
+import torch
+from einops import rearrange
+
+import comfy.sample
+import comfy.samplers
+from freevideo.enhance_core.attention_hooks import SelfAttentionLayers, add_attention_override
+from freevideo.enhance_core.attention_inspector import inspect_attention, render_chart
+from freevideo.enhance_core.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance
+from freevideo.enhance_core.models import adapter_for
+from sampling import ksample, text_conditioning, video_latent
+from test_attention_entropy import naive_entropy
+
+POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
+LOG = "freevideo.enhance_core.entropy_guidance"
+
+
+def first_denoised(model, cfg=4.0, steps=1, seed=0, positive=POS, negative=NEG):
+    """The denoised prediction of the first step of a real ComfyUI sampling run (sampler callback)."""
+    latent = comfy.sample.fix_empty_latent_channels(model, video_latent(frames=5)["samples"])
+    noise = comfy.sample.prepare_noise(latent, seed)
+    seen = []
+    comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
+                        callback=lambda i, x0, x, total: seen.append(x0.clone()), disable_pbar=True, seed=seed)
+    return seen[0]
+
+
+def perturbed(model, layers, kind):
+    """An independent identity / uniform replacement (Wan's kernel layout: [B, L, H*D])."""
+    m = model.clone()
+
+    def replace(layer, layout, call_next, q, k, v, heads, **kwargs):
+        return v.clone() if kind == "identity" else v.mean(dim=1, keepdim=True).expand_as(v).clone()
+    SelfAttentionLayers(m, adapter_for(m), "test_perturbation").route(layers, replace)
+    return m
+
+
+def recorder(model):
+    """A clone whose every attention kernel call (outermost: it sees the final output) is recorded."""
+    m = model.clone()
+    calls = []
+
+    def record(call_next, q, k, v, heads, **kwargs):
+        out = call_next(q, k, v, heads, **kwargs)
+        calls.append(dict(q=q, k=k, v=v, out=out, heads=heads, groups=list(kwargs["transformer_options"]["cond_or_uncond"])))
+        return out
+    add_attention_override(m, record)
+    return m, calls
+
+
+def element(call, group):
+    """Batch element of cond index `group` in a recorded call."""
+    i = call["groups"].index(group)
+    per = call["q"].shape[0] // len(call["groups"])
+    return {key: call[key][i * per:(i + 1) * per] for key in ("q", "k", "v", "out")}
+
+
+def sdpa(q, k, v, heads):
+    b, n, _ = q.shape
+    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, -1)
+
+
+def high_entropy_at(model, layer):
+    """A clone whose layer `layer` attends almost uniformly: its QK-norm scale is shrunk to 0.02."""
+    m = model.clone()
+    key = f"diffusion_model.blocks.{layer}.self_attn.norm_q.weight"
+    m.add_patches({key: (torch.full_like(m.get_model_object(key), 0.02),)}, 1.0, 0.0)
+    return m
+
+
+def test_branches_replace_exactly_the_registered_layer(wan21):
+    """One real step, (uniform, identity) on layer 1: cond, uncond and both branches run as one batch of 4.
+    Layer 1 outputs exactly V (identity) and mean(V) (uniform) for the branch elements; every other
+    kernel call of every element is plain attention on its own inputs; cond and uncond match an
+    unperturbed run."""
+    guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="1"))
+    plain, plain_calls = recorder(wan21)
+    ksample(guided, video_latent(), POS, NEG, steps=1, cfg=4.0)
+    ksample(plain, video_latent(), POS, NEG, steps=1, cfg=4.0)
+    assert len(calls) == len(plain_calls) == 8, "one forward: 4 blocks x (self, cross)"
+    assert sorted(calls[0]["groups"]) == [0, 1, 2, 3]
+    uniform, identity = 2, 3
+    for i, (call, ref) in enumerate(zip(calls, plain_calls)):
+        self_attn, block = i % 2 == 0, i // 2
+        for group in (0, 1):  # cond and uncond: untouched everywhere
+            torch.testing.assert_close(element(call, group)["out"], element(ref, group)["out"], rtol=1e-5, atol=1e-5)
+        for group in (uniform, identity):
+            e = element(call, group)
+            if self_attn and block == 1:
+                if group == identity:
+                    assert torch.equal(e["out"], e["v"])
+                else:
+                    torch.testing.assert_close(e["out"], e["v"].mean(dim=1, keepdim=True).expand_as(e["v"]), rtol=0, atol=1e-6)
+                continue
+            torch.testing.assert_close(e["out"], sdpa(e["q"], e["k"], e["v"], call["heads"]), rtol=1e-5, atol=1e-5)
+            if block < 1:  # before the registered layer a branch is a copy of the conditional pass
+                torch.testing.assert_close(e["out"], element(ref, 0)["out"], rtol=1e-5, atol=1e-5)
+            elif self_attn:
+                assert not torch.allclose(e["out"], element(ref, 0)["out"], atol=1e-3), "the perturbation propagates"
+
+
+@pytest.mark.parametrize("pair,layers,cfg", [
+    (("uniform", "identity"), "auto", 4.0),
+    (("original", "identity"), "2", 4.0),
+    (("uniform", "original"), "1, 3", 4.0),
+    (("uniform", "identity"), "2", 1.0),  # distilled models: CFG 1, no unconditional pass
+])
+def test_guided_prediction_equals_the_formula(wan21, pair, layers, cfg):
+    """guided = e_u + s (e_c - e_u) + lambda (e_pos - e_neg) with each term from its own run."""
+    lam = 1.5
+    g = EntropyGuidance(wan21, lam, *pair, layers=layers)
+    guided = first_denoised(g.clone, cfg=cfg)
+    registered = g.registered
+    assert registered == ([int(x) for x in layers.split(",")] if layers != "auto" else registered) and len(registered) >= 1
+    e = {"original": first_denoised(wan21, cfg=1.0)}
+    e_u = first_denoised(wan21, cfg=1.0, positive=NEG)
+    for kind in set(pair) - {"original"}:
+        e[kind] = first_denoised(perturbed(wan21, registered, kind), cfg=1.0)
+    cfg_part = e["original"] if cfg == 1.0 else e_u + cfg * (e["original"] - e_u)
+    want = cfg_part + lam * (e[pair[0]] - e[pair[1]])
+    assert (want - cfg_part).abs().max() > 0.05, "the guidance term must be visible for the test to mean something"
+    torch.testing.assert_close(guided, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", [0, 3])
+def test_registry_picks_the_high_entropy_layer(wan21, target, caplog):
+    caplog.set_level(logging.INFO, logger=LOG)
+    g = EntropyGuidance(high_entropy_at(wan21, target), 1.0, top_k=1)
+    ksample(g.clone, video_latent(), POS, NEG, steps=1, cfg=4.0)
+    assert g.registered == [target]
+    assert g.entropies[target] > 0.99 and all(v < 0.97 for layer, v in g.entropies.items() if layer != target)
+    assert f"layer(s) {target} ({g.entropies[target]:.3f}) [top 1 of 4 by entropy]" in caplog.text
+    # The inspector shows the same choice, at the first step's sigma, with the same noise.
+    report = inspect_attention(high_entropy_at(wan21, target), video_latent(), POS, sigma=1.0, seed=0)
+    assert report.top == [target]
+    assert report.entropy[target] == pytest.approx(g.entropies[target], abs=1e-3)
+
+
+def test_registry_is_redone_each_sampling_run(wan21):
+    g = EntropyGuidance(wan21, 1.0, top_k=2)
+    ksample(g.clone, video_latent(), POS, NEG, steps=1)
+    g.registered = [0]  # stale state from a previous run must not survive the next one
+    first = dict(g.entropies)
+    ksample(g.clone, video_latent(), POS, NEG, steps=1)
+    assert len(g.registered) == 2 and g.entropies == first
+
+
+def test_batched_and_unbatched_branches_give_the_same_result(wan21, monkeypatch):
+    import comfy.model_management
+    guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="auto"))
+    batched = ksample(guided, video_latent(), POS, NEG, steps=2)
+    assert max(c["q"].shape[0] for c in calls) == 4
+    calls.clear()
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    separate = ksample(guided, video_latent(), POS, NEG, steps=2)
+    assert max(c["q"].shape[0] for c in calls) == 1
+    torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
+
+
+def test_other_calc_functions_and_overrides_compose(wan21):
+    """A calc_cond_batch function set after the node (it replaces ours: branches then run in the post-CFG
+    function) or before it (ours calls it), and an attention override installed before ours (the kernel
+    then gets the whole batch): all give the same guided prediction."""
+    def plain_calc(args):
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"], args["model_options"])
+    reference = first_denoised(apply_entropy_guidance(wan21, 2.0, layers="1"))
+    after = apply_entropy_guidance(wan21, 2.0, layers="1")
+    after.set_model_sampler_calc_cond_batch_function(plain_calc)
+    before = wan21.clone()
+    before.set_model_sampler_calc_cond_batch_function(plain_calc)
+    inner_override = wan21.clone()
+    add_attention_override(inner_override, lambda call_next, *a, **kw: call_next(*a, **kw))
+    for model in (after, apply_entropy_guidance(before, 2.0, layers="1"), apply_entropy_guidance(inner_override, 2.0, layers="1")):
+        torch.testing.assert_close(first_denoised(model), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_input_model_untouched_and_off_settings_bit_identical(wan21):
+    before = ksample(wan21, video_latent(), POS, NEG, steps=2)
+    assert not torch.equal(ksample(apply_entropy_guidance(wan21, 2.0), video_latent(), POS, NEG, steps=2), before)
+    assert torch.equal(ksample(wan21, video_latent(), POS, NEG, steps=2), before)
+    assert torch.equal(ksample(apply_entropy_guidance(wan21, 0.0), video_latent(), POS, NEG, steps=2), before)
+    outside = apply_entropy_guidance(wan21, 2.0, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(ksample(outside, video_latent(), POS, NEG, steps=2), before)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(positive="identity", negative="identity"), "both 'identity'"),
+    (dict(positive="identity", negative="uniform"), "lower quality.*uniform / identity"),
+    (dict(positive="blur"), "positive_branch: 'blur'"),
+    (dict(layers="x"), "layers: cannot read 'x'"),
+    (dict(layers="2-9"), "layers: layer 9 does not exist"),
+    (dict(layers=" "), "layers: empty"),
+    (dict(top_k=5), "top_k: 5; this model has 4 self-attention layers"),
+    (dict(scale=-1.0), "scale: -1.0 is negative"),
+    (dict(entropy_rows=-1), "entropy_rows"),
+    (dict(start_percent=0.8, end_percent=0.2), "start_percent"),
+])
+def test_bad_input_is_rejected_before_sampling(wan21, kwargs, message):
+    args = dict(scale=1.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        apply_entropy_guidance(wan21, **args)
+
+
+def test_unsupported_model_names_the_supported_families():
+    import comfy.model_base
+    import comfy.model_patcher
+    base = comfy.model_base.BaseModel.__new__(comfy.model_base.BaseModel)
+    torch.nn.Module.__init__(base)
+    base.diffusion_model = torch.nn.Linear(1, 1)
+    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="Supported families: Wan"):
+        apply_entropy_guidance(patcher, 1.0)
+    with pytest.raises(ValueError, match="Supported families: Wan"):
+        inspect_attention(patcher, video_latent(), POS, 1.0)
+
+
+def naive_cfi(q, k, frames):
+    qf = rearrange(q.float(), "b (f s) h d -> b s h f d", f=frames)
+    kf = rearrange(k.float(), "b (f s) h d -> b s h f d", f=frames)
+    attn = (qf @ kf.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+    return attn[..., ~torch.eye(frames, dtype=torch.bool)].mean()
+
+
+def test_inspector_reports_every_layer_exactly(wan21):
+    model, calls = recorder(wan21)
+    report = inspect_attention(model, video_latent(frames=5), POS, sigma=0.7, seed=3, entropy_rows=0, top_k=2)
+    self_calls = calls[0::2]
+    assert len(self_calls) == 4 and all(c["q"].shape[0] == 1 for c in self_calls), "one conditional evaluation"
+    for layer, c in enumerate(self_calls):
+        b, n, _ = c["q"].shape
+        q, k = (t.view(b, n, c["heads"], -1) for t in (c["q"], c["k"]))
+        assert report.entropy[layer] == pytest.approx(float(naive_entropy(q.transpose(1, 2), k.transpose(1, 2)).mean()), abs=1e-5)
+        assert report.cfi[layer] == pytest.approx(float(naive_cfi(q, k, 5)), abs=1e-5)
+    assert report.top == sorted(sorted(range(4), key=lambda i: -report.entropy[i])[:2])
+    image = render_chart(report)
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and 0 <= image.min() and image.max() <= 1
+    assert "<- registered" in report.table()
+    one_frame = inspect_attention(wan21, video_latent(frames=1), POS, sigma=0.7)
+    assert one_frame.cfi == [None] * 4 and render_chart(one_frame).shape[-1] == 3
+
+
+def test_inspector_bad_input(wan21):
+    with pytest.raises(ValueError, match="sigma: 5.0 is outside"):
+        inspect_attention(wan21, video_latent(), POS, 5.0)
+    with pytest.raises(ValueError, match="top_k: 9"):
+        inspect_attention(wan21, video_latent(), POS, 1.0, top_k=9)
+
+
+def test_nodes_have_tooltips_and_run(wan21):
+    from freevideo.nodes import NODES
+    from freevideo.nodes.attention_inspector import AttentionInspector
+    from freevideo.nodes.entropy_guidance import EntropyGuidance as GuidanceNode
+    assert GuidanceNode in NODES and AttentionInspector in NODES
+    for node in (GuidanceNode, AttentionInspector):
+        schema = node.define_schema()
+        assert all(i.tooltip for i in schema.inputs), node
+    out = GuidanceNode.execute(wan21, 1.0, "uniform", "identity", "auto", 1, 512, 0.0, 1.0)
+    assert out.result[0] is not wan21
+    image, table = AttentionInspector.execute(wan21, video_latent(), POS, 1.0, 0, 1, 512).result
+    assert image.ndim == 4 and "layer" in table
+    assert set(PAIRS) == {("uniform", "identity"), ("original", "identity"), ("uniform", "original")}
