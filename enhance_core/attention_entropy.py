@@ -92,12 +92,11 @@ def _row_entropy_fused(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int) -> to
     width = d + 8  # the mean-logit channel and the indicator, padded to a multiple of 8 for the kernels
     q32, k32 = q.float(), k.float()
     c = scale * torch.matmul(q32, k32.mean(dim=2, keepdim=True).transpose(-1, -2))  # [B, H, Lq, 1]
-    keys = q32.new_zeros(b, h, lk + 1, width)
-    keys[:, :, :lk, :d] = k32
-    keys[:, :, lk, d] = 1.0
-    values = q32.new_zeros(b, h, lk + 1, width)
-    values[:, :, :lk, :d] = k32
-    values[:, :, lk, d] = 1.0
+    # Keys and values are the same tensor: real keys [k_j, 0...] (value k_j, indicator 0) and the extra
+    # key [0, 1, 0...] (logit c against the query's channel d, value = the indicator).
+    extra = q32.new_zeros(b, h, 1, width)
+    extra[..., d] = 1.0
+    kv = torch.cat([torch.cat([k32, k32.new_zeros(b, h, lk, width - d)], dim=-1), extra], dim=2)
     out = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     # Rows per call: bounds the padded query copy and the output, not the (never stored) map.
     rows = max(1, min(lq, chunk_bytes // max(1, b * h * width * 4 * 2)))
@@ -105,7 +104,7 @@ def _row_entropy_fused(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int) -> to
         qc = q32[:, :, r0:r0 + rows]
         cc = c[:, :, r0:r0 + rows]
         query = torch.cat([qc, (cc / scale), qc.new_zeros(*qc.shape[:3], width - d - 1)], dim=-1)
-        o = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scale)
+        o = torch.nn.functional.scaled_dot_product_attention(query, kv, kv, scale=scale)
         w = o[..., d]
         mean_key = o[..., :d] / (1.0 - w).unsqueeze(-1)
         lse = cc.squeeze(-1) + torch.log1p(-w) - torch.log(w)

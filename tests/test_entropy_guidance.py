@@ -152,14 +152,15 @@ def test_registry_is_redone_each_sampling_run(wan21):
 
 def test_batched_and_unbatched_branches_give_the_same_result(wan21, monkeypatch):
     import comfy.model_management
-    guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="auto"))
-    batched = ksample(guided, video_latent(), POS, NEG, steps=2)
+    guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="2"))
+    batched = ksample(guided, video_latent(), POS, NEG, steps=1)
     assert max(c["q"].shape[0] for c in calls) == 4
     calls.clear()
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
-    separate = ksample(guided, video_latent(), POS, NEG, steps=2)
+    separate = ksample(guided, video_latent(), POS, NEG, steps=1)
     assert max(c["q"].shape[0] for c in calls) == 1
     torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched, ksample(wan21, video_latent(), POS, NEG, steps=1), atol=1e-2)
 
 
 def test_other_calc_functions_and_overrides_compose(wan21):
@@ -180,12 +181,12 @@ def test_other_calc_functions_and_overrides_compose(wan21):
 
 
 def test_input_model_untouched_and_off_settings_bit_identical(wan21):
-    before = ksample(wan21, video_latent(), POS, NEG, steps=2)
-    assert not torch.equal(ksample(apply_entropy_guidance(wan21, 2.0), video_latent(), POS, NEG, steps=2), before)
-    assert torch.equal(ksample(wan21, video_latent(), POS, NEG, steps=2), before)
-    assert torch.equal(ksample(apply_entropy_guidance(wan21, 0.0), video_latent(), POS, NEG, steps=2), before)
+    before = ksample(wan21, video_latent(), POS, NEG, steps=1)
+    assert not torch.equal(ksample(apply_entropy_guidance(wan21, 2.0), video_latent(), POS, NEG, steps=1), before)
+    assert torch.equal(ksample(wan21, video_latent(), POS, NEG, steps=1), before)
+    assert torch.equal(ksample(apply_entropy_guidance(wan21, 0.0), video_latent(), POS, NEG, steps=1), before)
     outside = apply_entropy_guidance(wan21, 2.0, start_percent=1.0, end_percent=1.0)
-    assert torch.equal(ksample(outside, video_latent(), POS, NEG, steps=2), before)
+    assert torch.equal(ksample(outside, video_latent(), POS, NEG, steps=1), before)
 
 
 @pytest.mark.parametrize("kwargs,message", [
