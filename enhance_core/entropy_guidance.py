@@ -109,6 +109,7 @@ class EntropyGuidance:
         self._sink = {}
         self._pending = None
         self._needs_report = None  # None until a sampling run starts
+        self._warned = set()
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
@@ -220,6 +221,13 @@ class EntropyGuidance:
         per = b // len(groups)
         skip_reshape = kwargs.get("skip_reshape", False)
         mask = kwargs.get("mask")
+        if q.shape[-2 if skip_reshape else 1] != k.shape[-2 if skip_reshape else 1]:
+            # Not the whole sequence attending to itself (a layer splitting its queries over several
+            # kernel calls): neither map is defined on a part of it; leave the layer alone.
+            if "partial" not in self._warned:
+                self._warned.add("partial")
+                log.warning("IE-Adapt: self-attention layer %d is not one square kernel call; it is not measured or perturbed", layer)
+            return call_next(q, k, v, heads, **kwargs)
         if plan.measure:
             cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
             if cond:

@@ -14,6 +14,7 @@ from freevideo.enhance_core.entropy_guidance import PAIRS, EntropyGuidance, appl
 from freevideo.enhance_core.models import adapter_for
 from sampling import ksample, text_conditioning, video_latent
 from test_attention_entropy import naive_entropy
+from test_families import FAMILIES, FRAMES, conditioning, load
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
 LOG = "freevideo.enhance_core.entropy_guidance"
@@ -265,3 +266,48 @@ def test_nodes_have_tooltips_and_run(wan21):
     image, table = AttentionInspector.execute(wan21, video_latent(), POS, 1.0, 0, 1, 512).result
     assert image.ndim == 4 and "layer" in table
     assert set(PAIRS) == {("uniform", "identity"), ("original", "identity"), ("uniform", "original")}
+
+
+# --- every family the adapters support --------------------------------------------------------
+
+
+def _as_output_layout(v, heads, kwargs):
+    """The kernel's v in the layout of its output (what the identity map must return)."""
+    if kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape"):
+        return v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1)
+    if not kwargs.get("skip_reshape") and kwargs.get("skip_output_reshape"):
+        return v.view(v.shape[0], v.shape[1], heads, -1).transpose(1, 2)
+    return v
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
+def test_every_family_registers_and_replaces(fam):
+    """One real step on each family's tiny model (joint text-video attention, masks, heads-first
+    layouts): exactly one kernel call (the registered layer) returns V for the identity branch and one
+    value per key-set for every query of the uniform branch, and the inspector at the same sigma and
+    noise ranks the same layer first with the same entropy."""
+    model = load(fam)
+    g = EntropyGuidance(model, 2.0)
+    guided = g.clone.clone()
+    calls = []
+
+    def record(call_next, q, k, v, heads, *args, **kwargs):
+        kwargs.update(zip(("mask", "attn_precision", "skip_reshape", "skip_output_reshape"), args))
+        out = call_next(q, k, v, heads, **kwargs)
+        groups = kwargs["transformer_options"].get("cond_or_uncond") or []
+        if 3 in groups:
+            per = q.shape[0] // len(groups)
+            part = lambda t, c: t[groups.index(c) * per:(groups.index(c) + 1) * per]  # noqa: E731
+            seq = -2 if kwargs.get("skip_output_reshape") else 1
+            calls.append((torch.equal(part(out, 3), part(_as_output_layout(v, heads, kwargs), 3)),
+                          bool((part(out, 2) - part(out, 2).narrow(seq, 0, 1)).abs().max() < 1e-5)))
+        return out
+    add_attention_override(guided, record)
+    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+    out = ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0)
+    assert torch.isfinite(out).all()
+    assert len(g.registered) == 1 and calls.count((True, True)) == 1 and all(c == (False, False) for c in calls if c != (True, True))
+    first_sigma = float(model.get_model_object("model_sampling").sigma_max)
+    report = inspect_attention(model, latent, conditioning(fam, 1), first_sigma, seed=0)
+    assert report.top == g.registered
+    assert report.entropy == pytest.approx([g.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
