@@ -156,6 +156,9 @@ class EntropyGuidance:
             # plain conds: branches go in a second call.
             out = self._base(args, _with_plan(options, self.key, _CallPlan(measure=measure)))
             self._finish_measurement(sigma)
+            if not self.registered:
+                self._pending = (sigma, x, {})
+                return out
             extra = comfy.samplers.calc_cond_batch(model, [None] * n + [conds[0]] * len(self.kinds), x, sigma,
                                                    _with_plan(options, self.key, _CallPlan(branches)))[n:]
         else:
@@ -186,6 +189,8 @@ class EntropyGuidance:
         if self._needs_report:
             comfy.samplers.calc_cond_batch(model, [cond], x, sigma, _with_plan(options, self.key, _CallPlan(measure=True)))
             self._finish_measurement(sigma)
+        if not self.registered:
+            return {}
         branches = {j: kind for j, kind in enumerate(self.kinds)}
         extra = comfy.samplers.calc_cond_batch(model, [cond] * len(self.kinds), x, sigma, _with_plan(options, self.key, _CallPlan(branches)))
         return dict(zip(self.kinds, extra))
