@@ -158,6 +158,9 @@ def test_batched_and_unbatched_branches_give_the_same_result(wan21, monkeypatch)
     assert max(c["q"].shape[0] for c in calls) == 4
     calls.clear()
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    import comfy.model_patcher
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):  # newer ComfyUI asks the patcher
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda *a, **k: 0)
     separate = ksample(guided, video_latent(), POS, NEG, steps=1)
     assert max(c["q"].shape[0] for c in calls) == 1
     torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
