@@ -17,3 +17,13 @@ def ksample(model, latent, positive, negative, steps=3, cfg=5.0, seed=0, sampler
     import nodes
     (out,) = nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)
     return out["samples"]
+
+
+def force_unbatched(monkeypatch):
+    """Make ComfyUI run cond, uncond (and any extra conds) as separate model calls, as it does when
+    memory is short. 0.3.75 asks comfy.model_management for free memory, newer ComfyUI the patcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda *a, **k: 0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
-from sampling import ksample, text_conditioning, video_latent
+from sampling import force_unbatched, ksample, text_conditioning, video_latent
 
 
 def sample(model, latent=None, **kw):
@@ -90,11 +90,21 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
 
 
 def test_result_does_not_depend_on_cond_uncond_batching(wan21, monkeypatch):
-    import comfy.model_management
-    patched = apply_enhance_a_video(wan21, weight=40.0)
+    from freevideo.enhance_core.attention_hooks import add_attention_override
+    recorder = wan21.clone()
+    batch_sizes = []
+
+    def record(call_next, q, k, v, heads, **kwargs):
+        batch_sizes.append(q.shape[0])
+        return call_next(q, k, v, heads, **kwargs)
+    add_attention_override(recorder, record)
+    patched = apply_enhance_a_video(recorder, weight=40.0)
     batched_plain, batched = sample(wan21), sample(patched)
-    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
+    assert set(batch_sizes) == {2}
+    batch_sizes.clear()
+    force_unbatched(monkeypatch)
     separate_plain, separate = sample(wan21), sample(patched)
+    assert set(batch_sizes) == {1}
     plain_gap = (batched_plain - separate_plain).abs().max()
     assert (batched - separate).abs().max() <= max(plain_gap * 10, 1e-5)
 

@@ -12,7 +12,7 @@ from freevideo.enhance_core.attention_hooks import SelfAttentionLayers, add_atte
 from freevideo.enhance_core.attention_inspector import inspect_attention, render_chart
 from freevideo.enhance_core.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance
 from freevideo.enhance_core.models import adapter_for
-from sampling import ksample, text_conditioning, video_latent
+from sampling import force_unbatched, ksample, text_conditioning, video_latent
 from test_attention_entropy import naive_entropy
 from test_families import FAMILIES, FRAMES, conditioning, load
 
@@ -152,15 +152,11 @@ def test_registry_is_redone_each_sampling_run(wan21):
 
 
 def test_batched_and_unbatched_branches_give_the_same_result(wan21, monkeypatch):
-    import comfy.model_management
     guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="2"))
     batched = ksample(guided, video_latent(), POS, NEG, steps=1)
     assert max(c["q"].shape[0] for c in calls) == 4
     calls.clear()
-    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
-    import comfy.model_patcher
-    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):  # newer ComfyUI asks the patcher
-        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda *a, **k: 0)
+    force_unbatched(monkeypatch)
     separate = ksample(guided, video_latent(), POS, NEG, steps=1)
     assert max(c["q"].shape[0] for c in calls) == 1
     torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
