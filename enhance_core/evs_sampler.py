@@ -4,7 +4,7 @@ Algorithm 1 on ComfyUI's own sampling. Timesteps are counted down each model's s
 paper: with an image schedule of `steps` levels, level t sits at sigmas[steps - t] and level 0 is
 the clean end.
 
-1. SDEdit with the image model: noise the frames to level t1 = round(strength x steps) with the
+1. SDEdit with the image model: noise the frames to level t1 = strength x steps (rounded half up) with the
    image model's noise scaling, run the chosen sampler down to level t_T2V, and take the image
    model's x0 prediction there (x0_I).
 2. [T2V] block: noise x0_I to level t_V of the video schedule with the video model's noise scaling
@@ -21,6 +21,7 @@ drawn from one CPU generator seeded with `seed`, in this order: image stage 1 (i
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,13 +98,18 @@ def full_schedule(stage: Stage, input_name: str) -> torch.Tensor:
     return ksampler.sigmas.float().cpu()
 
 
+def image_run_steps(strength: float, steps: int) -> int:
+    """t1: the image steps SDEdit runs, strength x steps rounded half up (paper: 0.4 x 50 = 20)."""
+    return math.floor(strength * steps + 0.5)
+
+
 def plan_evs(image: Stage, video: Stage, strength: float, t_T2V: int, t_V: int, n_V: int) -> Plan:
     """Check the schedule settings and place them on both schedules; raises ValueError naming the input."""
     image_sigmas = full_schedule(image, "image")
     video_sigmas = full_schedule(video, "video")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: {strength}; use a value in (0, 1] (paper: 0.4 of 50 steps)")
-    t1 = round(strength * image.steps)
+    t1 = image_run_steps(strength, image.steps)
     if t1 < 1:
         raise ValueError(f"strength: {strength} of {image.steps} image steps runs no image step; "
                          f"use at least {1.0 / image.steps:.3f}")

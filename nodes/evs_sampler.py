@@ -37,7 +37,7 @@ class EVSSampler(io.ComfyNode):
                                      "stochastic samplers."),
                 io.Int.Input("image_steps", default=50, min=1, max=10000,
                              tooltip="Length of the image model's full schedule (paper: 50). strength picks its last "
-                                     "round(strength x image_steps) steps."),
+                                     "strength x image_steps steps (rounded half up)."),
                 io.Float.Input("image_cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance of the image model."),
                 io.Combo.Input("image_sampler", options=samplers, default="euler",
@@ -49,7 +49,7 @@ class EVSSampler(io.ComfyNode):
                                        "(paper: 0.4, i.e. image steps 20..1 of 50). Must run at least one step."),
                 io.Int.Input("t_T2V", default=10, min=1, max=10000,
                              tooltip="Image step (counted down to 1 like the paper's timesteps) where the [T2V] block "
-                                     "is inserted; must lie in the image run (1..round(strength x image_steps)). "
+                                     "is inserted; must lie in the image run (1..strength x image_steps). "
                                      "Larger = earlier = more image steps after it: better imaging, less consistency."),
                 io.Int.Input("video_steps", default=8, min=1, max=10000,
                              tooltip="Length of the video model's full schedule (paper: 8-step AnimateDiff-Lightning)."),
