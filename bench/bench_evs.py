@@ -14,7 +14,7 @@ frames as batch entries, as SD1.5 + AnimateDiff; no motion module is inserted) a
 image model with its TAESD-layout VAE, tiny Wan 2.1 T2V with its tiny Wan VAE as the video model).
 Configurations are interleaved, their order alternates per round; medians and ratios of one run.
 
-    .runtime/venv/bin/python bench/bench_evs.py [--repeats 3] [--frames 9] [--size 8]
+    .runtime/venv/bin/python bench/bench_evs.py [--repeats 3] [--frames 9] [--size 8] [--threads 0]
 
 The direct pairing's video is frames x 4 x size x size; the pixel pairing's is the Wan latent
 1 x 16 x ((frames - 1) // 4 + 1) x size x size (frames pixel frames of 8*size pixels).
@@ -105,6 +105,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=9, help="pixel frames of the videos (4k+1 for the Wan latent)")
     parser.add_argument("--size", type=int, default=8, help="latent height and width")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is steadier "
+                        "on a machine shared with other jobs")
     opts = parser.parse_args()
     setup()
     import torch
@@ -114,6 +116,8 @@ def main():
     from freevideo.nodes.evs_sampler import EVSSampler
 
     torch.set_grad_enabled(False)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     log = Log()
     sd15 = logged_model(T.sd15_unet(), log)
     wan = logged_model(tiny_models.load_diffusion_model(tiny_models.wan21_t2v()), log)
@@ -168,7 +172,7 @@ def main():
     configs = [("EVS", evs), ("T2I+T2V", t2i_t2v), ("T2V+T2I", t2v_t2i)]
     times = {(pn, cn): [] for pn in pairings for cn, _ in configs}
     replay = {pn: [] for pn in pairings}
-    inside = {pn: [] for pn in pairings}
+    inside = {key: [] for key in times}
     calls = {}
     for name, p in pairings.items():  # warm-up: loads, caches, first-call costs
         for cn, fn in configs:
@@ -181,8 +185,8 @@ def main():
                 t0 = time.perf_counter()
                 fn(p)
                 times[(name, cn)].append(time.perf_counter() - t0)
+                inside[(name, cn)].append(log.seconds)
                 if cn == "EVS":
-                    inside[name].append(log.seconds)
                     logged = Log()
                     logged.model_calls, logged.vae_calls = log.model_calls, log.vae_calls
                     log.model_calls = log.vae_calls = None  # the replay itself is not logged
@@ -200,15 +204,16 @@ def main():
         evs_t = med(times[(name, "EVS")])
         print(f"\n[{name}] video latent {shape}; EVS model calls {calls[name][0]}, VAE calls {calls[name][1]}")
         alone = [a / b for a, b in zip(times[(name, "EVS")], replay[name])]
-        situ = [a / b for a, b in zip(times[(name, "EVS")], inside[name])]
+        situ = [a / b for a, b in zip(times[(name, "EVS")], inside[(name, "EVS")])]
         print(f"  EVS node {evs_t:.2f} s; its model + VAE calls replayed alone {med(replay[name]):.2f} s, "
-              f"timed inside the run {med(inside[name]):.2f} s")
+              f"timed inside the run {med(inside[(name, 'EVS')]):.2f} s")
         print(f"  node / calls alone: median {med(alone):.3f} (rounds: {', '.join(f'{r:.3f}' for r in alone)})")
         print(f"  node / calls inside the run: median {med(situ):.3f} (rounds: {', '.join(f'{r:.3f}' for r in situ)})")
         for cn, _ in configs:
             t = med(times[(name, cn)])
             rounds = ", ".join(f"{x:.2f}" for x in times[(name, cn)])
-            print(f"  {cn:8s} {t:6.2f} s   {t / evs_t:.2f}x EVS   (rounds: {rounds})")
+            own = med([a / b for a, b in zip(times[(name, cn)], inside[(name, cn)])])
+            print(f"  {cn:8s} {t:6.2f} s   {t / evs_t:.2f}x EVS   wall / its calls inside the run {own:.3f}   (rounds: {rounds})")
 
 
 if __name__ == "__main__":
