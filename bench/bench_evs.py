@@ -122,7 +122,7 @@ def main():
     sd15 = logged_model(T.sd15_unet(), log)
     wan = logged_model(tiny_models.load_diffusion_model(tiny_models.wan21_t2v()), log)
     taesd = logged_vae(T.taesd_vae(), log)
-    wan_vae = logged_vae(T.wan21_vae(0), log)
+    wan_vae = logged_vae(tiny_models.load_vae(tiny_models.wan21_vae(0)), log)
     g = torch.Generator().manual_seed(0)
     sd_c = T.conditioning(T.SD15_CONTEXT_DIM, seed=1), T.conditioning(T.SD15_CONTEXT_DIM, seed=2)
     wan_c = T.conditioning(4096, seed=1), T.conditioning(4096, seed=2)

@@ -19,6 +19,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 import tiny_image_models as T
+import tiny_models
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.evs_sampler import Stage, evs_sample
 
@@ -71,7 +72,8 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def vaes():
-    return {"wan": T.wan21_vae(0), "qwen": T.wan21_vae(1), "taesd": T.taesd_vae()}
+    return {"wan": tiny_models.load_vae(tiny_models.wan21_vae(0)), "qwen": tiny_models.load_vae(tiny_models.wan21_vae(1)),
+            "taesd": T.taesd_vae()}
 
 
 def sd15_video(frames=3):
@@ -397,7 +399,6 @@ def test_node_schema_execute_and_workflows(sd15):
 def test_through_comfyuis_own_server(tmp_path):
     """As users run it: ComfyUI's server, API prompt with loaders, Wan 2.1 as both the image and the
     video model (pixel bridge, SFI on), outputs saved; a bad t_T2V is reported before sampling."""
-    import tiny_models
     from comfy_server import ComfyServer
     from safetensors.torch import load_file
     wan, vae = tiny_models.wan21_t2v(), tiny_models.wan21_vae()

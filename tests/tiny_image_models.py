@@ -8,9 +8,8 @@
 - `qwen_image()`: a Qwen-Image DiT (flow, latent format Wan21, [B,16,1,H,W] latents). ComfyUI's
   detection infers only in_channels and num_layers (head dims stay 24x128), so it is built the same
   way from comfy.supported_models.QwenImage with small dims.
-- `wan21_vae(seed)`: a Wan 2.1 VAE (causal 3D, 4x temporal compression); comfy.sd.VAE infers `dim`
-  from decoder.head.0.gamma, so it loads through the real loader. Seed 0 is the video VAE; seed 1
-  stands in for the Qwen-Image VAE (same architecture, other weights).
+- Wan 2.1 VAEs come from tiny_models.wan21_vae(seed): seed 0 is the video VAE, seed 1 stands in
+  for the Qwen-Image VAE (same architecture, other weights).
 - `taesd_vae()`: the image VAE of the SD1.5 model, TAESD layout (ComfyUI's SD VAE config is fixed at
   ch 128, 84M parameters; TAESD is what ComfyUI also accepts as an SD1.5 VAE), real loader.
 
@@ -21,22 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import CACHE, _save, init_weights
+from tiny_models import _cached
 
 SD15_CONTEXT_DIM = 32
 QWEN_CONTEXT_DIM = 64
-
-
-def _cached_weights(name: str, build, seed: int = 0, fix=None) -> Path:
-    """Like tiny_models._cached, with a seed and a fix-up after init_weights (RMS-norm gammas)."""
-    path = CACHE / name
-    if not path.exists():
-        module = build()
-        init_weights(module, seed=seed)
-        if fix is not None:
-            fix(module)
-        _save(module, path)
-    return path
 
 
 def _sd15_unet_config() -> dict:
@@ -86,36 +73,14 @@ def _load_patcher(kind: str, path: Path):
 
 def sd15_unet():
     """Tiny SD1.5-layout epsilon model (latent format SD15, 4 channels, [B,4,H,W])."""
-    path = _cached_weights("tiny_sd15_unet.safetensors", lambda: _build_base_model("sd15").diffusion_model)
+    path = _cached("tiny_sd15_unet.safetensors", lambda: _build_base_model("sd15").diffusion_model)
     return _load_patcher("sd15", path)
 
 
 def qwen_image():
     """Tiny Qwen-Image DiT (flow, latent format Wan21, [B,16,1,H,W])."""
-    path = _cached_weights("tiny_qwen_image.safetensors", lambda: _build_base_model("qwen").diffusion_model)
+    path = _cached("tiny_qwen_image.safetensors", lambda: _build_base_model("qwen").diffusion_model)
     return _load_patcher("qwen", path)
-
-
-def _unit_gammas(module: torch.nn.Module) -> None:
-    # RMS-norm gammas are scales (ComfyUI initialises them to 1); init_weights treats the leaf name
-    # `gamma` as a small vector, which would shrink every activation.
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("gamma"):
-                p.mul_(0.5).add_(1.0)
-
-
-def wan21_vae(seed: int = 0):
-    """Tiny Wan 2.1 VAE (dim 8): 16 latent channels, 8x spatial and 4x causal temporal compression."""
-    import comfy.sd
-    import comfy.utils
-
-    def build():
-        from comfy.ldm.wan.vae import WanVAE
-        return WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                      temperal_downsample=[False, True, True], dropout=0.0)
-    path = _cached_weights(f"tiny_wan21_vae_s{seed}.safetensors", build, seed=seed, fix=_unit_gammas)
-    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
 
 
 def taesd_vae():
@@ -128,10 +93,9 @@ def taesd_vae():
         return TAESD(latent_channels=4)
 
     def fix(module):
-        with torch.no_grad():
-            module.vae_scale.fill_(1.0)
-            module.vae_shift.fill_(0.0)
-    path = _cached_weights("tiny_taesd_sd15.safetensors", build, fix=fix)
+        module.vae_scale.fill_(1.0)
+        module.vae_shift.fill_(0.0)
+    path = _cached("tiny_taesd_sd15.safetensors", build, fix=fix)
     return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
 
 

@@ -27,7 +27,7 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
             if p.ndim >= 2 and leaf == "weight":
                 fan_in = p[0].numel()
                 value = noise / fan_in ** 0.5
-            elif leaf in ("weight", "scale") and ("norm" in name or p.ndim == 1):
+            elif leaf in ("weight", "scale", "gamma") and ("norm" in name or p.ndim == 1):
                 value = 1.0 + 0.1 * noise
             else:
                 value = 0.1 * noise
@@ -43,11 +43,15 @@ def _save(module: torch.nn.Module, path: Path, prefix: str = "") -> Path:
     return path
 
 
-def _cached(name: str, build) -> Path:
+def _cached(name: str, build, seed: int = 0, fix=None) -> Path:
+    """The cached file `name`, built, initialised (and adjusted by `fix`) on first use."""
     path = CACHE / name
     if not path.exists():
         module = build()
-        init_weights(module)
+        init_weights(module, seed=seed)
+        if fix is not None:
+            with torch.no_grad():
+                fix(module)
         _save(module, path)
     return path
 
@@ -68,13 +72,15 @@ def load_diffusion_model(path: Path):
     return comfy.sd.load_diffusion_model(str(path))
 
 
-def wan21_vae() -> Path:
-    """Wan 2.1 VAE layout with base width 8 (ComfyUI infers it from decoder.head.0.gamma)."""
+def wan21_vae(seed: int = 0) -> Path:
+    """Wan 2.1 VAE layout with base width 8 (ComfyUI infers it from decoder.head.0.gamma): 16 latent
+    channels, 8x spatial and 4x causal temporal compression. Another seed gives another VAE of the
+    same architecture (Qwen-Image's VAE is one)."""
     def build():
         from comfy.ldm.wan.vae import WanVAE
         return WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                       temperal_downsample=[False, True, True], dropout=0.0)
-    return _cached("tiny_wan21_vae.safetensors", build)
+    return _cached("tiny_wan21_vae.safetensors" if seed == 0 else f"tiny_wan21_vae_s{seed}.safetensors", build, seed=seed)
 
 
 def load_vae(path: Path):
