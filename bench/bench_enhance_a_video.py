@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
 
 
 def rss_bytes() -> int:
@@ -48,15 +47,9 @@ class PeakRSS:
 
 def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int) -> dict:
     """One measurement in this process: build the model through ComfyUI's loader, sample once."""
-    sys.path[:0] = [str(COMFY), str(ROOT / "tests")]
-    from comfy.cli_args import args
-    args.cpu = True
-    args.use_pytorch_cross_attention = True
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("freevideo", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["freevideo"] = pack
-    spec.loader.exec_module(pack)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import in_process
+    in_process.setup()
     import torch
     import comfy.ops
     import comfy.sd

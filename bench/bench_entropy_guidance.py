@@ -19,23 +19,17 @@ the branch elements' skipped attention at the one registered layer saves more th
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
-sys.path.insert(0, str(COMFY))
 sys.path.insert(0, str(ROOT / "tests"))
+import in_process  # noqa: E402
 
-from comfy.cli_args import args  # noqa: E402
+in_process.setup()
 
-args.cpu = True
-args.use_pytorch_cross_attention = True
-
-import conftest  # noqa: E402,F401  (imports the pack as `freevideo`)
 import torch  # noqa: E402
 
 import comfy.patcher_extension  # noqa: E402

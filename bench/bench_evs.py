@@ -21,28 +21,20 @@ The direct pairing's video is frames x 4 x size x size; the pixel pairing's is t
 """
 
 import argparse
-import importlib.util
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
 
 IMAGE_STEPS, STRENGTH, T_T2V, VIDEO_STEPS, T_V, N_V = 50, 0.4, 10, 8, 4, 4
 
 
 def setup():
-    sys.path[:0] = [str(COMFY), str(ROOT / "tests")]
-    from comfy.cli_args import args
-    args.cpu = True
-    args.use_pytorch_cross_attention = True
-    spec = importlib.util.spec_from_file_location("freevideo", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["freevideo"] = pack
-    spec.loader.exec_module(pack)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import in_process
+    in_process.setup()
 
 
 class Log:
@@ -87,7 +79,6 @@ def logged_vae(vae, log):
 
 def replay_seconds(log) -> float:
     """Each logged call again, alone, timed one by one."""
-    import torch
     total = 0.0
     for base, args, kwargs in log.model_calls:
         t0 = time.perf_counter()

@@ -8,19 +8,16 @@ seeded embeddings, and the size and step count are small.
 """
 
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
-sys.path[:0] = [str(COMFY), str(ROOT / "tests"), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+import in_process  # noqa: E402  (tiny models are built with ComfyUI's classes in this process)
 
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
+in_process.setup()
 
 import tiny_models  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402

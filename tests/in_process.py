@@ -1,0 +1,30 @@
+"""ComfyUI imported into this process the way the tests, benchmarks and demo run it: the embedded
+runtime (or COMFYUI_PATH), CPU, PyTorch SDPA attention as on GPUs, and the pack importable as
+package `freevideo`."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
+
+
+def setup():
+    """Idempotent; must run before anything imports comfy.model_management."""
+    if "freevideo" in sys.modules:
+        return sys.modules["freevideo"]
+    if not (COMFY / "comfy").is_dir():
+        raise RuntimeError(f"No ComfyUI at {COMFY}: run scripts/setup_runtime.sh or set COMFYUI_PATH")
+    for path in (str(ROOT / "tests"), str(COMFY)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    from comfy.cli_args import args
+    args.cpu = True
+    args.use_pytorch_cross_attention = True
+    spec = importlib.util.spec_from_file_location("freevideo", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["freevideo"] = pack
+    spec.loader.exec_module(pack)
+    return pack
