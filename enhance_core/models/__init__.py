@@ -6,6 +6,7 @@ model call are laid out (tokens per latent frame, text tokens and where they sit
 themselves are family-agnostic and index self-attention layers by their position in `sites()`.
 """
 
+import importlib
 from dataclasses import dataclass
 
 
@@ -61,6 +62,15 @@ class TokenLayout:
 def patched_tokens(size: int, patch: int) -> int:
     """Tokens along one axis after ComfyUI pads to the patch size."""
     return (size + patch - 1) // patch
+
+
+def is_instance_of(obj, module: str, name: str) -> bool:
+    """isinstance against a ComfyUI class that older ComfyUI versions do not have (False there)."""
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, cls)
 
 
 class FamilyAdapter:

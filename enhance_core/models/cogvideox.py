@@ -6,23 +6,14 @@ forward and the shared output projection `attn_out` (before the gates and residu
 only its video tokens are scaled. Patch (patch_size_t or 1, 2, 2); the latent is padded to it.
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
-
-
-def _model_class():
-    try:
-        from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
-    except ImportError:
-        return None
-    return CogVideoXTransformer3DModel
+from . import AttentionSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
 
 
 class CogVideoXAdapter(FamilyAdapter):
     name = "CogVideoX (newer ComfyUI)"
 
     def matches(self, diffusion_model) -> bool:
-        cls = _model_class()
-        return cls is not None and isinstance(diffusion_model, cls)
+        return is_instance_of(diffusion_model, "comfy.ldm.cogvideo.model", "CogVideoXTransformer3DModel")
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}", output=f"blocks.{i}.attn_out")

@@ -7,23 +7,14 @@ and residual. Tokens (t, h, w) with patch (1, 2, 2), the latent padded to it. Th
 blocks' self-attention is not a video layer and is not listed.
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
-
-
-def _model_class():
-    try:
-        from comfy.ldm.kandinsky5.model import Kandinsky5
-    except ImportError:
-        return None
-    return Kandinsky5
+from . import AttentionSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
 
 
 class Kandinsky5Adapter(FamilyAdapter):
     name = "Kandinsky 5 (newer ComfyUI)"
 
     def matches(self, diffusion_model) -> bool:
-        cls = _model_class()
-        return cls is not None and isinstance(diffusion_model, cls)
+        return is_instance_of(diffusion_model, "comfy.ldm.kandinsky5.model", "Kandinsky5")
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"visual_transformer_blocks.{i}.self_attention",
