@@ -2,6 +2,8 @@
 format that /prompt takes, using the server's /object_info for each node's widget order."""
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Newer ComfyUI: a combo whose chosen option brings widgets of its own, sent as "parent.child".
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 SKIPPED_TYPES = {"Note", "MarkdownNote"}
 
 
@@ -14,7 +16,29 @@ def _spec(info: dict) -> list[tuple[str, list]]:
 
 def _is_widget(declared: list) -> bool:
     kind = declared[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
+    return isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO
+
+
+def _take_widgets(spec, values: list, inputs: dict, linked: set, prefix: str) -> None:
+    """Assign widget values, in order, to the widget inputs of `spec` (and of chosen dynamic options)."""
+    for name, declared in spec:
+        if not _is_widget(declared):
+            continue
+        if not values:
+            return
+        value = values.pop(0)
+        key = prefix + name
+        if key not in linked:
+            inputs[key] = value
+        options = declared[1] if len(declared) > 1 else {}
+        if options.get("control_after_generate"):
+            values.pop(0)
+        if declared[0] == DYNAMIC_COMBO:
+            chosen = next((o for o in options.get("options", []) if o["key"] == value), None)
+            if chosen is None:
+                raise ValueError(f"{key}: '{value}' is not one of its options")
+            nested = {**chosen["inputs"].get("required", {}), **chosen["inputs"].get("optional", {})}
+            _take_widgets(list(nested.items()), values, inputs, linked, prefix=key + ".")
 
 
 def to_api(workflow: dict, object_info: dict) -> dict:
@@ -37,17 +61,7 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 link = links[i["link"]]
                 inputs[i["name"]] = [str(link[1]), link[2]]
         values = list(node.get("widgets_values", []))
-        for name, declared in _spec(object_info[kind]):
-            if not _is_widget(declared):
-                continue
-            if not values:
-                break
-            value = values.pop(0)
-            if name not in linked:
-                inputs[name] = value
-            options = declared[1] if len(declared) > 1 else {}
-            if options.get("control_after_generate"):
-                values.pop(0)
+        _take_widgets(_spec(object_info[kind]), values, inputs, linked, prefix="")
         if values:
             raise ValueError(f"node {node['id']} ({kind}): {len(values)} widget values left over: {values}")
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
