@@ -104,6 +104,7 @@ def main():
     import nodes
     import tiny_image_models as T
     import tiny_models
+    from sampling import text_conditioning
     from freevideo.nodes.evs_sampler import EVSSampler
 
     torch.set_grad_enabled(False)
@@ -115,8 +116,8 @@ def main():
     taesd = logged_vae(T.taesd_vae(), log)
     wan_vae = logged_vae(tiny_models.load_vae(tiny_models.wan21_vae(0)), log)
     g = torch.Generator().manual_seed(0)
-    sd_c = T.conditioning(T.SD15_CONTEXT_DIM, seed=1), T.conditioning(T.SD15_CONTEXT_DIM, seed=2)
-    wan_c = T.conditioning(4096, seed=1), T.conditioning(4096, seed=2)
+    sd_c = text_conditioning(dim=T.SD15_CONTEXT_DIM, seed=1), text_conditioning(dim=T.SD15_CONTEXT_DIM, seed=2)
+    wan_c = text_conditioning(dim=4096, seed=1), text_conditioning(dim=4096, seed=2)
     pairings = {
         # name: image model, its conds, video model, its conds, video latent, image vae, video vae
         "direct": (sd15, sd_c, sd15, sd_c, torch.randn(opts.frames, 4, opts.size, opts.size, generator=g), None, None),

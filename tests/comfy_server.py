@@ -6,7 +6,6 @@ The ComfyUI tree itself (embedded, or COMFYUI_PATH) is never modified.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,12 +15,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from in_process import COMFY, ROOT
+
 PACK_NAME = "ComfyUI-FreeVideo"
-
-
-def comfy_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
 
 
 def free_port() -> int:
@@ -66,7 +62,7 @@ class ComfyServer:
                "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(self.base),
                "--output-directory", str(self.output_dir)]
         self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -20,6 +20,7 @@ import comfy.samplers
 import comfy.utils
 import tiny_image_models as T
 import tiny_models
+from sampling import text_conditioning
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.evs_sampler import Stage, evs_sample
 
@@ -53,7 +54,8 @@ def recording(model, tag, calls, after=None):
 
 
 def stage(model, cond_dim, cfg, steps, sampler="euler", scheduler="normal"):
-    return Stage(model, T.conditioning(cond_dim, seed=1), T.conditioning(cond_dim, seed=2), cfg, sampler, scheduler, steps)
+    return Stage(model, text_conditioning(dim=cond_dim, seed=1), text_conditioning(dim=cond_dim, seed=2), cfg, sampler,
+                 scheduler, steps)
 
 
 def sigmas(model, scheduler, steps):
@@ -224,7 +226,7 @@ def test_sfi_inverts_with_the_video_model_and_injects_recorded_features(qwen, wa
     chosen layer. A recorder installed under the SFI override sees the kernel inputs after injection.
     Also: the pixel path with SFI is deterministic and leaves the input models untouched."""
     from sampling import ksample
-    cond = T.conditioning(WAN_DIM, seed=1), T.conditioning(WAN_DIM, seed=2)
+    cond = text_conditioning(dim=WAN_DIM, seed=1), text_conditioning(dim=WAN_DIM, seed=2)
     plain = lambda: ksample(wan21, wan_video(), *cond, steps=2, cfg=2.0)
     plain_before = plain()
     layer, video_steps, t_V, n_V = 1, 4, 2, 1
@@ -378,7 +380,7 @@ def test_node_schema_execute_and_workflows(sd15):
     assert EVSSampler in NODES
     schema = EVSSampler.define_schema()
     assert all(i.tooltip for i in schema.inputs)
-    c = T.conditioning(T.SD15_CONTEXT_DIM)
+    c = text_conditioning(dim=T.SD15_CONTEXT_DIM)
     out = EVSSampler.execute(sd15_video(), sd15, c, c, sd15, c, c, seed=1, image_steps=4, image_cfg=1.0,
                              image_sampler="euler", image_scheduler="normal", strength=0.5, t_T2V=1, video_steps=2,
                              video_cfg=1.0, video_sampler="euler", video_scheduler="sgm_uniform", t_V=2, n_V=1,

@@ -97,8 +97,3 @@ def taesd_vae():
         module.vae_shift.fill_(0.0)
     path = _cached("tiny_taesd_sd15.safetensors", build, fix=fix)
     return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
-
-
-def conditioning(dim: int, tokens: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, dim, generator=g), {}]]
