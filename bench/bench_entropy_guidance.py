@@ -118,7 +118,7 @@ def registry_cost(base, positive, reps):
             b, n, _ = q.shape
             qk.append((q.view(b, n, heads, -1).transpose(1, 2).clone(), k.view(b, n, heads, -1).transpose(1, 2).clone()))
         return call_next(q, k, v, heads, **kwargs)
-    add_attention_override(m, record)
+    add_attention_override(m, "test_recorder", record)
     run(m, 1, 1.0, positive, positive, frames=REGISTRY_FRAMES)
     assert len(qk) == LAYERS
     call, est = [], []

@@ -3,39 +3,77 @@ attention modules (installed as object patches on a clone), and the user-facing 
 
 Nothing here touches the model a user passed in: callers clone it first, and ComfyUI restores
 object patches when the clone is unloaded.
+
+Three things make the hooks survive the user's graph:
+- The attention override is put in the slot when the model is called (an APPLY_MODEL wrapper), not
+  when the node runs: a node applied later that overwrites the slot (ComfyUI's attention-backend
+  node, other packs' Sage/flash patches) is then wrapped too, whatever the order of the graph.
+- Per-call state (token layout, the armed layer) is per thread: ComfyUI's multi-GPU work units run
+  model calls of one step concurrently, one thread per device.
+- A multi-GPU deep clone has a freshly loaded model of its own: the hooked copies are re-made on
+  that model's modules (ON_DEEPCLONE_MULTIGPU), so each device computes with its own weights.
 """
 
 import copy
 import functools
 import re
+import threading
 
 import torch
+
+import comfy.patcher_extension
+import comfy.utils
 
 OVERRIDE_KEY = "optimized_attention_override"
 # optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
 # skip_output_reshape=False, ...): the optional arguments in their positional order.
 KERNEL_OPTIONAL_ARGS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+# BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...): the
+# position of transformer_options after x, as APPLY_MODEL wrappers receive it (both versions).
+_APPLY_MODEL_OPTIONS_ARG = 4
 
 
-def add_attention_override(model_patcher, handler):
+def add_attention_override(model_patcher, key: str, handler):
     """Route every attention kernel call of `model_patcher` through
     handler(call_next, q, k, v, heads, **kwargs).
 
-    `call_next` runs the attention ComfyUI chose, or an override that was already installed
-    (SageAttention patches, other packs, another of our nodes): the slot holds one function, so
-    the previous one is wrapped, not replaced.
+    `call_next` runs whatever the call's override slot held when the model was called (another
+    pack's or ComfyUI's attention function, another of our nodes), else the attention ComfyUI
+    chose: the slot holds one function, so the previous one is wrapped, never dropped.
     """
-    options = model_patcher.model_options.setdefault("transformer_options", {})
-    previous = options.get(OVERRIDE_KEY)
+    chained = {}  # previous override -> our override around it; one stable function per
+                  # neighbour, so torch.compile's guards see the same object at every call
 
-    def override(func, *args, **kwargs):
-        if previous is None:
-            call_next = func
-        else:
-            call_next = functools.partial(previous, func)
-        return handler(call_next, *args, **kwargs)
+    def chain(previous):
+        if previous not in chained:
+            if previous is None:
+                def override(func, *args, **kwargs):
+                    return handler(func, *args, **kwargs)
+            else:
+                def override(func, *args, **kwargs):
+                    return handler(functools.partial(previous, func), *args, **kwargs)
+            chained[previous] = override
+        return chained[previous]
 
-    options[OVERRIDE_KEY] = override
+    def install(executor, x, *args, **kwargs):
+        options = kwargs["transformer_options"] if "transformer_options" in kwargs else args[_APPLY_MODEL_OPTIONS_ARG]
+        previous = options.get(OVERRIDE_KEY)
+        options[OVERRIDE_KEY] = chain(previous)
+        try:
+            return executor(x, *args, **kwargs)
+        finally:
+            if previous is None:
+                options.pop(OVERRIDE_KEY, None)
+            else:
+                options[OVERRIDE_KEY] = previous
+
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, install)
+
+
+def calls_kernel(call_next) -> bool:
+    """Whether an override's call_next is the attention kernel itself, not another override (which
+    may keep per-call state shaped like the whole batch)."""
+    return not isinstance(call_next, functools.partial)
 
 
 def tokens_view(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -59,7 +97,7 @@ def _hooked_class(base: type) -> type:
             call = functools.partial(around, call)
         return call(*args, **kwargs)
 
-    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {"forward": forward, "_freevideo_base": base})
+    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {"forward": forward})
     return cls
 
 
@@ -72,13 +110,43 @@ def hooked_copy(module: torch.nn.Module, around) -> torch.nn.Module:
     outermost. Install it with `model_patcher.add_object_patch(path, copy)`.
     """
     if isinstance(module, _Hooked):
-        base, arounds = module._freevideo_base, module._freevideo_arounds
-    else:
-        base, arounds = type(module), ()
-    new = copy.copy(module)
-    new.__class__ = _hooked_class(base)
-    new._freevideo_arounds = arounds + (around,)
+        return _hooked(module._freevideo_original, module._freevideo_arounds + (around,))
+    return _hooked(module, (around,))
+
+
+def _hooked(original: torch.nn.Module, arounds: tuple) -> torch.nn.Module:
+    new = copy.copy(original)
+    new.__class__ = _hooked_class(type(original))
+    # Plain attributes: nn.Module.__setattr__ would register `original` as a child in the
+    # _modules dict the copy shares with it.
+    object.__setattr__(new, "_freevideo_original", original)
+    object.__setattr__(new, "_freevideo_arounds", arounds)
     return new
+
+
+def _rehook_on_deep_clone(source, deep_clone) -> None:
+    """ON_DEEPCLONE_MULTIGPU: the deep clone copied our object patches, which share the source
+    model's parameters; re-make each on the deep clone's own (freshly loaded) module at that path."""
+    for path, patch in list(deep_clone.object_patches.items()):
+        if isinstance(patch, _Hooked):
+            own = comfy.utils.get_attr(deep_clone.model, path)
+            if isinstance(own, _Hooked):  # a reused deep clone whose patches are still applied
+                own = own._freevideo_original
+            if own is not patch._freevideo_original:
+                deep_clone.object_patches[path] = _hooked(own, patch._freevideo_arounds)
+
+
+def _follow_deep_clones(model_patcher) -> None:
+    # Only ComfyUI versions with multi-GPU deep clones have this callback; elsewhere nothing to do.
+    event = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
+    if event is not None and not model_patcher.get_all_callbacks(event):
+        model_patcher.add_callback_with_key(event, "freevideo_rehook", _rehook_on_deep_clone)
+
+
+class _CallState(threading.local):
+    """The state of the model call running on this thread."""
+    layout = None
+    armed = None
 
 
 class SelfAttentionLayers:
@@ -87,19 +155,18 @@ class SelfAttentionLayers:
     The family adapter's wrapper records the token layout of every model call; a hook on each
     chosen layer's `arm` module marks its next kernel call, which the attention override hands to
     handler(layer, layout, call_next, q, k, v, heads, **kwargs). Every other kernel call (cross-
-    attention, unchosen layers) goes straight to `call_next`. Model calls run one at a time, so the
-    per-call state lives here.
+    attention, unchosen layers) goes straight to `call_next`. That per-call state is per thread.
     """
 
     def __init__(self, clone, adapter, key: str):
         self.clone = clone
         self.adapter = adapter
         self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
-        self.layout = None
-        self._armed = None
+        self.call = _CallState()
         self._handler = None
         clone.add_wrapper_with_key(adapter.wrapper_type, key, self._model_call)
-        add_attention_override(clone, self._attention)
+        add_attention_override(clone, key, self._attention)
+        _follow_deep_clones(clone)
 
     def route(self, layers, handler) -> None:
         self._handler = handler
@@ -113,32 +180,36 @@ class SelfAttentionLayers:
         self.clone.add_object_patch(key, hooked_copy(self.clone.get_model_object(key), around))
 
     def _arm(self, layer):
-        def around(call, *args, **kwargs):
-            self._armed = layer
+        call = self.call
+
+        def around(forward, *args, **kwargs):
+            call.armed = layer
             try:
-                return call(*args, **kwargs)
+                return forward(*args, **kwargs)
             finally:
                 # Never leak into another module's kernel call (a model variant whose kernel call
                 # bypasses the override would otherwise hand its arm to the next call).
-                self._armed = None
+                call.armed = None
         return around
 
     def _model_call(self, executor, x, *args, **kwargs):
-        self.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
-        self._armed = None
+        call = self.call
+        call.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
+        call.armed = None
         try:
             return executor(x, *args, **kwargs)
         finally:
-            self.layout = self._armed = None
+            call.layout = call.armed = None
 
     def _attention(self, call_next, q, k, v, heads, *args, **kwargs):
         # Some callers pass the kernel's optional arguments by position (LTX-Video's masked
         # cross-attention passes mask): handlers see them by name.
         kwargs.update(zip(KERNEL_OPTIONAL_ARGS, args))
-        layer, self._armed = self._armed, None
-        if layer is None or self.layout is None:
+        call = self.call
+        layer, call.armed = call.armed, None
+        if layer is None or call.layout is None:
             return call_next(q, k, v, heads, **kwargs)
-        return self._handler(layer, self.layout, call_next, q, k, v, heads, **kwargs)
+        return self._handler(layer, call.layout, call_next, q, k, v, heads, **kwargs)
 
 
 def parse_layer_list(text: str, count: int, input_name: str) -> list[int]:

@@ -8,6 +8,7 @@ the model's own model_sampling), so conditioning, latent format and patches are 
 """
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,7 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     clone = model.clone()
     hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector")
     sums = {}
+    lock = threading.Lock()  # multi-GPU work units measure layers concurrently
     progress = comfy.utils.ProgressBar(n_layers)
 
     def measure(layer, layout, call_next, q, k, v, heads, **kwargs):
@@ -86,13 +88,12 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
                 stop = start + frames * layout.tokens_per_frame
                 cfi = temporal_off_diagonal_mean(tokens_view(q, heads, skip_reshape).index_select(0, index)[:, start:stop],
                                                  tokens_view(k, heads, skip_reshape).index_select(0, index)[:, start:stop], frames)
-            s = sums.setdefault(layer, [0.0, 0, 0.0, 0])
-            s[0] += float(e.sum())
-            s[1] += e.numel()
-            if cfi is not None:
-                s[2] += float(cfi.sum())
-                s[3] += cfi.numel()
-            progress.update_absolute(len(sums))
+            add = [float(e.sum()), e.numel(), 0.0, 0] if cfi is None else [float(e.sum()), e.numel(), float(cfi.sum()), cfi.numel()]
+            with lock:
+                s = sums.setdefault(layer, [0.0, 0, 0.0, 0])
+                for i, value in enumerate(add):
+                    s[i] += value
+                progress.update_absolute(len(sums))
         return call_next(q, k, v, heads, **kwargs)
 
     hooks.route(range(n_layers), measure)

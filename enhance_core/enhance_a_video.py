@@ -14,6 +14,7 @@ With one batch element the two are identical.
 """
 
 import logging
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -77,11 +78,18 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
         return m
     hooks = SelfAttentionLayers(m, adapter, "freevideo_enhance_a_video")
     selected = parse_layer_list(layers, len(hooks.sites), "layers")
-    pending = {}  # the scale (and video span) waiting for the current layer's output module
+    # The scale (and video span) waiting for the current layer's output module, per thread: model
+    # calls of multi-GPU work units run concurrently.
+    state = threading.local()
+
+    def pending() -> dict:
+        if not hasattr(state, "pending"):
+            state.pending = {}
+        return state.pending
     logged = set()
 
     def attention(layer, layout, call_next, q, k, v, heads, **kwargs):
-        pending.clear()  # nothing from an earlier, interrupted call may reach this layer's output
+        pending().clear()  # nothing from an earlier, interrupted call may reach this layer's output
         if not window.contains(kwargs.get("transformer_options") or {}):
             return call_next(q, k, v, heads, **kwargs)
         skip_reshape = kwargs.get("skip_reshape", False)
@@ -107,29 +115,32 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
             video = out.transpose(1, 2) if kwargs.get("skip_output_reshape", False) else out
             _scale_video_(video, scale, (start, stop, seq_len))
         else:
-            pending["scale"], pending["span"] = scale, (start, stop, seq_len)
+            pending().update(scale=scale, span=(start, stop, seq_len))
         return out
 
     def scale_output(seq_first):
         def around(call, *args, **kwargs):
             out = call(*args, **kwargs)
-            if "scale" not in pending:
+            waiting = pending()
+            if "scale" not in waiting:
                 return out
-            return _scale_video_(out, pending.pop("scale"), pending.pop("span"), seq_first)
+            return _scale_video_(out, waiting.pop("scale"), waiting.pop("span"), seq_first)
         return around
 
     def mark_output(call, *args, **kwargs):
         # The output is normalised later in the block: remember which tensor that norm will get.
         out = call(*args, **kwargs)
-        if "scale" in pending:
-            pending["normalized"] = out
+        waiting = pending()
+        if "scale" in waiting:
+            waiting["normalized"] = out
         return out
 
     def scale_after_norm(call, *args, **kwargs):
-        with _ScaleNormResult(pending):
+        waiting = pending()
+        with _ScaleNormResult(waiting):
             out = call(*args, **kwargs)
-        if "scale" in pending:
-            pending.clear()
+        if "scale" in waiting:
+            waiting.clear()
             raise RuntimeError("Enhance-A-Video: this block no longer applies rms_norm to its attention output "
                                "where the model adapter expects it (ComfyUI changed the block); the scale was not applied")
         return out

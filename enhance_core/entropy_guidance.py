@@ -27,6 +27,7 @@ allows, for every query. The entropy that picks the layers is measured over the 
 """
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from .attention_entropy import DEFAULT_ROWS, attention_entropy, heads_first, mask_4d
-from .attention_hooks import OVERRIDE_KEY, SelfAttentionLayers, SigmaWindow, parse_layer_list
+from .attention_hooks import SelfAttentionLayers, SigmaWindow, calls_kernel, parse_layer_list
 from .models import adapter_for
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,13 @@ class EntropyGuidance:
         self.registered = None  # layer indices of this sampling run
         self.entropies = {}  # layer -> normalised entropy measured at the registry evaluation
         self._sink = {}
+        self._sink_lock = threading.Lock()  # multi-GPU work units measure layers concurrently
         self._pending = None
         self._needs_report = None  # None until a sampling run starts
         self._warned = set()
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
-        # Slicing the branch elements out of the kernel call saves their attention at the registered
-        # layers, but an override installed before ours (another pack, Enhance-A-Video) may keep
-        # per-call state shaped like the whole batch: then the kernel gets the whole batch.
-        self._slice = OVERRIDE_KEY not in self.clone.model_options.get("transformer_options", {})
         hooks = SelfAttentionLayers(self.clone, adapter, self.key)
         hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
         self._previous = self.clone.model_options.get("sampler_calc_cond_batch_function")
@@ -240,8 +238,10 @@ class EntropyGuidance:
                 e = attention_entropy(heads_first(q, heads, skip_reshape).index_select(0, index),
                                       heads_first(k, heads, skip_reshape).index_select(0, index),
                                       _batch_mask(mask, b, index), rows=self.rows)
-                total, count = self._sink.get(layer, (0.0, 0))
-                self._sink[layer] = (total + float(e.sum()), count + e.numel())
+                total = float(e.sum())
+                with self._sink_lock:
+                    before, count = self._sink.get(layer, (0.0, 0))
+                    self._sink[layer] = (before + total, count + e.numel())
         kinds = [plan.branches.get(c) for c in groups]
         if not plan.branches or layer not in (self.registered or ()) or not any(kinds):
             return call_next(q, k, v, heads, **kwargs)
@@ -255,7 +255,10 @@ class EntropyGuidance:
         options = kwargs["transformer_options"]
         element_kind = [kinds[i // per] for i in range(b)]
         normal = [i for i in range(b) if element_kind[i] is None]
-        if normal and not self._slice:
+        if normal and not calls_kernel(call_next):
+            # Slicing the branch elements out of the kernel call saves their attention, but another
+            # override inside ours (another pack, Enhance-A-Video) may keep per-call state shaped
+            # like the whole batch: it gets the whole batch.
             out = call_next(q, k, v, heads, **kwargs)
         elif normal:
             index = torch.tensor(normal, device=q.device)

@@ -66,7 +66,7 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
         out = call_next(q, k, v, heads, **kwargs)
         kernel_calls.append((q, k, out, heads))
         return out
-    add_attention_override(recorder, record)
+    add_attention_override(recorder, "test_recorder", record)
     patched = apply_enhance_a_video(recorder, weight=6.0, layers="1")
 
     self_attn = wan21.get_model_object("diffusion_model.blocks.1.self_attn")
@@ -97,7 +97,7 @@ def test_result_does_not_depend_on_cond_uncond_batching(wan21, monkeypatch):
     def record(call_next, q, k, v, heads, **kwargs):
         batch_sizes.append(q.shape[0])
         return call_next(q, k, v, heads, **kwargs)
-    add_attention_override(recorder, record)
+    add_attention_override(recorder, "test_recorder", record)
     patched = apply_enhance_a_video(recorder, weight=40.0)
     batched_plain, batched = sample(wan21), sample(patched)
     assert set(batch_sizes) == {2}
@@ -110,10 +110,15 @@ def test_result_does_not_depend_on_cond_uncond_batching(wan21, monkeypatch):
 
 
 def test_latent_batch_of_two_matches_batch_of_one(wan21):
+    # The kernels' reduction order depends on the batch size: the plain model's own gap between
+    # batch 2 and batch 1 is the float noise the patched gap is measured against.
     patched = apply_enhance_a_video(wan21, weight=40.0)
-    one = sample(patched, video_latent(frames=5, batch=1))
-    two = sample(patched, video_latent(frames=5, batch=2))
-    torch.testing.assert_close(two[:1], one, rtol=1e-4, atol=1e-5)
+    gaps = []
+    for model in (wan21, patched):
+        one = sample(model, video_latent(frames=5, batch=1))
+        two = sample(model, video_latent(frames=5, batch=2))
+        gaps.append(float((two[:1] - one).abs().max()))
+    assert gaps[1] <= max(gaps[0] * 10, 1e-5), gaps
 
 
 def test_patched_clone_built_after_another_clone_sampled(wan21):

@@ -49,7 +49,7 @@ def recorder(model):
         out = call_next(q, k, v, heads, **kwargs)
         calls.append(dict(q=q, k=k, v=v, out=out, heads=heads, groups=list(kwargs["transformer_options"]["cond_or_uncond"])))
         return out
-    add_attention_override(m, record)
+    add_attention_override(m, "test_recorder", record)
     return m, calls
 
 
@@ -175,7 +175,7 @@ def test_other_calc_functions_and_overrides_compose(wan21):
     before = wan21.clone()
     before.set_model_sampler_calc_cond_batch_function(plain_calc)
     inner_override = wan21.clone()
-    add_attention_override(inner_override, lambda call_next, *a, **kw: call_next(*a, **kw))
+    add_attention_override(inner_override, "test_recorder", lambda call_next, *a, **kw: call_next(*a, **kw))
     for model in (after, apply_entropy_guidance(before, 2.0, layers="1"), apply_entropy_guidance(inner_override, 2.0, layers="1")):
         torch.testing.assert_close(first_denoised(model), reference, rtol=1e-4, atol=1e-4)
 
@@ -301,7 +301,7 @@ def test_every_family_registers_and_replaces(fam):
             calls.append((torch.equal(part(out, 3), part(_as_output_layout(v, heads, kwargs), 3)),
                           bool((part(out, 2) - part(out, 2).narrow(seq, 0, 1)).abs().max() < 1e-5)))
         return out
-    add_attention_override(guided, record)
+    add_attention_override(guided, "test_recorder", record)
     latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
     out = ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0)
     assert torch.isfinite(out).all()

@@ -234,7 +234,7 @@ def test_sfi_inverts_with_the_video_model_and_injects_recorded_features(qwen, wa
     for gamma in (0.5, 0.0, 0.5):
         calls, kernel = [], []
         wan = wan21.clone()
-        add_attention_override(wan, lambda call_next, q, k, v, heads, **kw: (kernel.append((q, k, v)), call_next(q, k, v, heads, **kw))[1])
+        add_attention_override(wan, "test_recorder", lambda call_next, q, k, v, heads, **kw: (kernel.append((q, k, v)), call_next(q, k, v, heads, **kw))[1])
         marks = lambda c: kernel.append(c)  # "start" before a model call, the Call after it
         image = stage(recording(qwen, "image", calls), T.QWEN_CONTEXT_DIM, 1.0, 2, scheduler="simple")
         video = stage(recording(wan, "video", calls, after=marks), WAN_DIM, 2.0, video_steps, scheduler="simple")

@@ -155,7 +155,7 @@ class Recorder:
         self.clone = model.clone()
         self.calls = []
         self._inside = False
-        add_attention_override(self.clone, self._record)
+        add_attention_override(self.clone, "test_recorder", self._record)
         self._handles = [module.register_forward_pre_hook(lambda m, a: setattr(self, "_inside", True)),
                          module.register_forward_hook(lambda m, a, o: setattr(self, "_inside", False))]
 

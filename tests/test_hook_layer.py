@@ -1,0 +1,196 @@
+"""The shared hook layer in the user's graph: any node order around a neighbour that overwrites the
+attention-override slot, ComfyUI's multi-GPU deep clones, and model calls running concurrently in
+threads (as multi-GPU work units do). Real ComfyUI patcher, loaders and samplers on tiny Wan 2.1."""
+
+import threading
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import tiny_models
+from freevideo.enhance_core.attention_hooks import OVERRIDE_KEY, hooked_copy
+from freevideo.enhance_core.attention_inspector import inspect_attention
+from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
+from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
+from sampling import ksample, text_conditioning, video_latent
+
+POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
+
+
+def sample(model, steps=2):
+    return ksample(model, video_latent(frames=5), POS, NEG, steps=steps)
+
+
+class SlotOverwriter:
+    """A neighbour node as ComfyUI 0.33's attention-backend node and other packs' Sage / flash
+    patches are written: it *sets* the override slot of its clone, dropping whatever was there, and
+    computes attention with the kernel it is handed. It counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model):
+        m = model.clone()
+
+        def override(func, *args, **kwargs):
+            self.calls += 1
+            return func(*args, **kwargs)
+        m.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = override
+        return m
+
+
+def comfy_attention_backend():
+    """ComfyUI's own attention-backend node where the running ComfyUI has it (0.33), else None."""
+    try:
+        from comfy_extras.nodes_model_advanced import ModelAttentionBackend
+    except ImportError:
+        return None
+    return lambda model: ModelAttentionBackend().patch(model, "pytorch attention")[0]
+
+
+NODES = {
+    "enhance_a_video": lambda m: apply_enhance_a_video(m, weight=40.0),
+    "entropy_guidance": lambda m: apply_entropy_guidance(m, 3.0, layers="1"),
+}
+
+
+@pytest.mark.parametrize("order", ["neighbour before ours", "neighbour after ours"])
+@pytest.mark.parametrize("node", sorted(NODES))
+def test_any_order_around_a_slot_overwriting_neighbour(wan21, node, order):
+    ours = NODES[node]
+    plain, alone = sample(wan21), sample(ours(wan21))
+    assert not torch.equal(plain, alone)
+    neighbour = SlotOverwriter()
+    only_neighbour = sample(neighbour(wan21))
+    calls_alone = neighbour.calls
+    assert calls_alone > 0 and torch.equal(only_neighbour, plain)
+    neighbour.calls = 0
+    stacked = ours(neighbour(wan21)) if order == "neighbour before ours" else neighbour(ours(wan21))
+    result = sample(stacked)
+    # Our effect is all there (the neighbour computes the same kernel), and the neighbour still
+    # sees every kernel call (none of its attention is dropped; the guidance adds branch calls).
+    assert torch.equal(result, alone)
+    assert neighbour.calls >= calls_alone
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_comfyuis_attention_backend_node_in_either_order(wan21, order):
+    backend = comfy_attention_backend()
+    if backend is None:
+        pytest.skip("this ComfyUI has no ModelAttentionBackend node (added after 0.3.75)")
+    for ours in NODES.values():
+        stacked = ours(backend(wan21)) if order == "before" else backend(ours(wan21))
+        torch.testing.assert_close(sample(stacked), sample(ours(wan21)), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(sample(stacked), sample(backend(wan21)))
+
+
+def test_inspector_reads_through_a_neighbours_override(wan21):
+    latent = video_latent(frames=5)
+    sigma = float(wan21.get_model_object("model_sampling").sigma_max) * 0.5
+    neighbour = SlotOverwriter()
+    expected = inspect_attention(wan21, latent, POS, sigma)
+    report = inspect_attention(neighbour(wan21), latent, POS, sigma)
+    assert neighbour.calls > 0
+    assert report.entropy == expected.entropy and report.cfi == expected.cfi
+
+
+# multi-GPU deep clones ---------------------------------------------------------------------------
+def _needs_deep_clones():
+    if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
+        pytest.skip("this ComfyUI has no multi-GPU deep clones (ModelPatcher.deepclone_multigpu, added after 0.3.75)")
+
+
+def _fresh_wan():
+    # Deep clones reload the model through the loader that made it: a core loader.
+    return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
+
+
+def _sfi_clone(model):
+    clone = model.clone()
+    SelectiveFeatureInjection(clone, "all", 0.8)
+    return clone
+
+
+PATCHES = dict(NODES, evs_feature_injection=_sfi_clone)
+
+
+@pytest.mark.parametrize("node", sorted(PATCHES))
+def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(node):
+    _needs_deep_clones()
+    patched = PATCHES[node](_fresh_wan())
+    hooked = {path: obj for path, obj in patched.object_patches.items() if hasattr(obj, "_freevideo_arounds")}
+    assert hooked
+    deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
+    assert deep.model is not patched.model
+    for path, obj in hooked.items():
+        own = comfy.utils.get_attr(deep.model, path)
+        mine = dict(deep.object_patches[path].named_parameters())
+        assert mine and all(p is dict(own.named_parameters())[name] for name, p in mine.items()), path
+        assert all(p is not dict(obj.named_parameters())[name] for name, p in mine.items()), path
+    if node == "evs_feature_injection":
+        return  # its effect needs an inversion first; the identity above is what a deep clone needs
+    # A weight change made only on the deep clone shows in its patched output, exactly as the same
+    # node on a model loaded with that weight.
+    weight = "diffusion_model.blocks.1.self_attn.o.weight"
+    with torch.no_grad():
+        comfy.utils.get_attr(deep.model, weight).mul_(1.5)
+    reference = _fresh_wan()
+    with torch.no_grad():
+        comfy.utils.get_attr(reference.model, weight).mul_(1.5)
+    changed = sample(deep)
+    assert torch.equal(changed, sample(PATCHES[node](reference)))
+    assert not torch.equal(changed, sample(patched))
+
+
+def test_rehooking_keeps_stacked_hooks_in_order():
+    # hooked_copy of a hooked copy keeps the original module and every hook, newest outermost.
+    base = torch.nn.Linear(2, 2)
+    seen = []
+    first = hooked_copy(base, lambda call, *a: (seen.append("first"), call(*a))[1])
+    second = hooked_copy(first, lambda call, *a: (seen.append("second"), call(*a))[1])
+    second(torch.zeros(1, 2))
+    assert seen == ["second", "first"] and second._freevideo_original is base
+    assert "_freevideo_original" not in base._modules
+
+
+def _one_call(patcher, x, sigma, context):
+    """One model call as a multi-GPU work unit makes it: apply_model with the patcher's wrappers."""
+    options = dict(patcher.model_options.get("transformer_options", {}), cond_or_uncond=[0], sigmas=sigma,
+                   wrappers=comfy.patcher_extension.copy_nested_dicts(patcher.wrappers))
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+
+def test_deep_clones_called_concurrently_match_each_called_alone():
+    # Enhance-A-Video holds the most per-call state: the token layout, the armed layer and the
+    # scale waiting for the layer's output module.
+    _needs_deep_clones()
+    patched = apply_enhance_a_video(_fresh_wan(), weight=40.0)
+    clones = [patched.deepclone_multigpu(new_load_device=torch.device("cpu")) for _ in range(2)]
+    comfy.model_management.load_models_gpu(clones)
+    g = torch.Generator().manual_seed(3)
+    inputs = [(torch.randn(1, 16, 5, 16, 16, generator=g), torch.tensor([0.3 + 0.4 * i]),
+               torch.randn(1, 8, 4096, generator=g)) for i in range(2)]
+    alone = [_one_call(c, *inp) for c, inp in zip(clones, inputs)]
+    rounds = 6
+    results = [[None] * rounds for _ in clones]
+    start = threading.Barrier(len(clones))
+
+    def work(i):
+        start.wait()
+        for r in range(rounds):
+            results[i][r] = _one_call(clones[i], *inputs[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clones))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torch.equal(alone[0], alone[1])
+    for i in range(len(clones)):
+        for r in range(rounds):
+            assert torch.equal(results[i][r], alone[i]), (i, r)
