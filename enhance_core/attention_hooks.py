@@ -16,6 +16,7 @@ Three things make the hooks survive the user's graph:
 
 import copy
 import functools
+import logging
 import re
 import threading
 
@@ -23,6 +24,8 @@ import torch
 
 import comfy.patcher_extension
 import comfy.utils
+
+log = logging.getLogger(__name__)
 
 OVERRIDE_KEY = "optimized_attention_override"
 # optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
@@ -92,7 +95,9 @@ class _Hooked:
 @functools.lru_cache(maxsize=None)
 def _hooked_class(base: type) -> type:
     def forward(self, *args, **kwargs):
-        call = super(cls, self).forward
+        # Another node may have object-patched the original module's `forward` (an instance
+        # attribute, set when the model loads): keep calling it, so its effect stays.
+        call = self._freevideo_original.__dict__.get("forward") or super(cls, self).forward
         for around in self._freevideo_arounds:
             call = functools.partial(around, call)
         return call(*args, **kwargs)
@@ -148,6 +153,10 @@ class _CallState(threading.local):
     layout = None
     armed = None
 
+    def __init__(self):
+        self.ran = set()  # routed layers whose module ran in this call
+        self.bypassed = set()  # ... and made no kernel call through the override
+
 
 class SelfAttentionLayers:
     """Routes the self-attention kernel calls of chosen layers of a clone to a handler.
@@ -156,20 +165,27 @@ class SelfAttentionLayers:
     chosen layer's `arm` module marks its next kernel call, which the attention override hands to
     handler(layer, layout, call_next, q, k, v, heads, **kwargs). Every other kernel call (cross-
     attention, unchosen layers) goes straight to `call_next`. That per-call state is per thread.
+    A routed layer that did not run, or ran its attention outside ComfyUI's attention functions
+    (a neighbour replaced the module or its kernel), is named in the log once, at the first model
+    call where it happens: the method cannot act there.
     """
 
-    def __init__(self, clone, adapter, key: str):
+    def __init__(self, clone, adapter, key: str, name: str):
         self.clone = clone
         self.adapter = adapter
+        self.name = name
         self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
         self.call = _CallState()
         self._handler = None
+        self._routed = set()
+        self._warned = False
         clone.add_wrapper_with_key(adapter.wrapper_type, key, self._model_call)
         add_attention_override(clone, key, self._attention)
         _follow_deep_clones(clone)
 
     def route(self, layers, handler) -> None:
         self._handler = handler
+        self._routed.update(layers)
         for layer in layers:
             self.hook_module(self.sites[layer].arm, self._arm(layer))
 
@@ -184,11 +200,14 @@ class SelfAttentionLayers:
 
         def around(forward, *args, **kwargs):
             call.armed = layer
+            call.ran.add(layer)
             try:
                 return forward(*args, **kwargs)
             finally:
                 # Never leak into another module's kernel call (a model variant whose kernel call
                 # bypasses the override would otherwise hand its arm to the next call).
+                if call.armed == layer:
+                    call.bypassed.add(layer)
                 call.armed = None
         return around
 
@@ -196,10 +215,27 @@ class SelfAttentionLayers:
         call = self.call
         call.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
         call.armed = None
+        call.ran, call.bypassed = set(), set()
         try:
-            return executor(x, *args, **kwargs)
+            out = executor(x, *args, **kwargs)
         finally:
             call.layout = call.armed = None
+        self._report_unreached(call)
+        return out
+
+    def _report_unreached(self, call) -> None:
+        if self._warned:
+            return
+        missing, bypassed = sorted(self._routed - call.ran), sorted(call.bypassed)
+        if missing or bypassed:
+            self._warned = True
+            why = []
+            if missing:
+                why.append(f"layer(s) {_ranges(missing)} did not run (another node replaced or skipped them)")
+            if bypassed:
+                why.append(f"layer(s) {_ranges(bypassed)} computed attention outside ComfyUI's attention functions "
+                           "(another node replaced their attention)")
+            log.warning("%s cannot act on every layer it was given: %s; it is not applied there", self.name, "; ".join(why))
 
     def _attention(self, call_next, q, k, v, heads, *args, **kwargs):
         # Some callers pass the kernel's optional arguments by position (LTX-Video's masked
@@ -210,6 +246,18 @@ class SelfAttentionLayers:
         if layer is None or call.layout is None:
             return call_next(q, k, v, heads, **kwargs)
         return self._handler(layer, call.layout, call_next, q, k, v, heads, **kwargs)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
 
 
 def parse_layer_list(text: str, count: int, input_name: str) -> list[int]:

@@ -63,7 +63,7 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     rows = None if entropy_rows == 0 else entropy_rows
 
     clone = model.clone()
-    hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector")
+    hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector")
     sums = {}
     lock = threading.Lock()  # multi-GPU work units measure layers concurrently
     progress = comfy.utils.ProgressBar(n_layers)

@@ -76,7 +76,7 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
     if weight == 0:
         parse_layer_list(layers, len(adapter.sites(model.get_model_object("diffusion_model"))), "layers")
         return m
-    hooks = SelfAttentionLayers(m, adapter, "freevideo_enhance_a_video")
+    hooks = SelfAttentionLayers(m, adapter, "freevideo_enhance_a_video", "Enhance-A-Video")
     selected = parse_layer_list(layers, len(hooks.sites), "layers")
     # The scale (and video span) waiting for the current layer's output module, per thread: model
     # calls of multi-GPU work units run concurrently.

@@ -115,7 +115,7 @@ class EntropyGuidance:
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
-        hooks = SelfAttentionLayers(self.clone, adapter, self.key)
+        hooks = SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt guidance")
         hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
         self._previous = self.clone.model_options.get("sampler_calc_cond_batch_function")
         state = self

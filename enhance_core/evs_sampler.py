@@ -140,7 +140,7 @@ class SelectiveFeatureInjection:
             adapter = adapter_for(clone)
         except ValueError as e:
             raise ValueError(f"video_model (Selective Feature Injection): {e}") from None
-        self.hooks = SelfAttentionLayers(clone, adapter, "freevideo_evs_sfi")
+        self.hooks = SelfAttentionLayers(clone, adapter, "freevideo_evs_sfi", "EVS feature injection")
         self.layers = parse_layer_list(layers, len(self.hooks.sites), "sfi_layers")
         self.gamma = gamma
         self.mode = None  # None, "record" or "inject"

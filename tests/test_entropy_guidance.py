@@ -36,7 +36,7 @@ def perturbed(model, layers, kind):
 
     def replace(layer, layout, call_next, q, k, v, heads, **kwargs):
         return v.clone() if kind == "identity" else v.mean(dim=1, keepdim=True).expand_as(v).clone()
-    SelfAttentionLayers(m, adapter_for(m), "test_perturbation").route(layers, replace)
+    SelfAttentionLayers(m, adapter_for(m), "test_perturbation", "test perturbation").route(layers, replace)
     return m
 
 

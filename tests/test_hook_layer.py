@@ -194,3 +194,46 @@ def test_deep_clones_called_concurrently_match_each_called_alone():
     for i in range(len(clones)):
         for r in range(rounds):
             assert torch.equal(results[i][r], alone[i]), (i, r)
+
+
+def _manual_attention_forward(module):
+    """A Wan self-attention forward that computes attention itself, not through ComfyUI's attention
+    functions (as a pack's own attention patch may)."""
+    def forward(x, freqs, *args, **kwargs):
+        from comfy.ldm.flux.math import apply_rope
+        b, n, _ = x.shape
+        q = module.norm_q(module.q(x)).view(b, n, module.num_heads, -1)
+        k = module.norm_k(module.k(x)).view(b, n, module.num_heads, -1)
+        v = module.v(x).view(b, n, module.num_heads, -1)
+        q, k = apply_rope(q, k, freqs)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return module.o(out.transpose(1, 2).reshape(b, n, -1))
+    return forward
+
+
+@pytest.mark.parametrize("order", ["neighbour before ours", "neighbour after ours"])
+def test_a_layer_we_cannot_reach_is_named_in_the_log(wan21, order, caplog):
+    """A neighbour object-patches layer 1's forward with attention of its own: before ours, our hook
+    still runs that forward (its effect stays) but no kernel call reaches us; after ours, the
+    neighbour's forward shadows our hook. Either way the log names layer 1 when sampling starts."""
+    calls = []
+
+    def neighbour(model):
+        m = model.clone()
+        path = "diffusion_model.blocks.1.self_attn"
+        forward = _manual_attention_forward(wan21.get_model_object(path))
+        m.add_object_patch(path + ".forward", lambda *a, **kw: (calls.append(1), forward(*a, **kw))[1])
+        return m
+    stacked = apply_enhance_a_video(neighbour(wan21), 40.0) if order == "neighbour before ours" \
+        else neighbour(apply_enhance_a_video(wan21, 40.0))
+    with caplog.at_level("WARNING"):
+        result = sample(stacked)
+    assert calls, "the neighbour's attention did not run"
+    warnings = [r.getMessage() for r in caplog.records if "cannot act on every layer" in r.getMessage()]
+    assert len(warnings) == 1 and "layer(s) 1 " in warnings[0], warnings
+    assert ("outside ComfyUI's attention functions" in warnings[0]) == (order == "neighbour before ours")
+    # The other layers are still enhanced; the neighbour's layer 1 still runs its own attention.
+    only_neighbour = sample(neighbour(wan21))
+    others = sample(apply_enhance_a_video(neighbour(wan21), 40.0, layers="0, 2-3"))
+    assert not torch.equal(result, only_neighbour)
+    assert torch.equal(result, others)
