@@ -12,7 +12,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 import tiny_models
-from freevideo.enhance_core.attention_hooks import OVERRIDE_KEY, hooked_copy
+from freevideo.enhance_core.attention_hooks import OVERRIDE_KEY, add_attention_override, hooked_copy
 from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
@@ -237,3 +237,35 @@ def test_a_layer_we_cannot_reach_is_named_in_the_log(wan21, order, caplog):
     others = sample(apply_enhance_a_video(neighbour(wan21), 40.0, layers="0, 2-3"))
     assert not torch.equal(result, only_neighbour)
     assert torch.equal(result, others)
+
+
+@pytest.mark.parametrize("node", sorted(NODES))
+def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
+    """ComfyUI's own MultiGPU_WorkUnits node and thread pool, with two CPU devices standing in for
+    two GPUs ("cpu" and "cpu:0" compare unequal, so ComfyUI makes a deep clone for the second and
+    runs its work units in a worker thread). The split result equals the single-device result."""
+    _needs_deep_clones()
+    try:
+        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
+    except ImportError:
+        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node")
+    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
+                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
+    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    threads = set()
+    model = _fresh_wan()
+    add_attention_override(model, "test_threads", lambda call_next, *a, **kw: (threads.add(threading.get_ident()), call_next(*a, **kw))[1])
+    patched = NODES[node](model)
+    single = sample(patched)
+    threads.clear()
+    split_model = MultiGPUCFGSplitNode.execute(patched, 2)[0]
+    (deep,) = split_model.get_additional_models_with_key("multigpu")
+    assert deep.load_device == torch.device("cpu", 0) and deep.model is not patched.model
+    split = sample(split_model)
+    assert len(threads) == 2, "the work units did not run on two threads"
+    # cond and uncond run as separate batches on the two devices: float noise of batch size only.
+    plain_single = sample(model)
+    plain_split = sample(MultiGPUCFGSplitNode.execute(model, 2)[0])
+    noise = float((plain_split - plain_single).abs().max())
+    assert float((split - single).abs().max()) <= max(10 * noise, 1e-4)
+    assert not torch.equal(split, plain_split)
