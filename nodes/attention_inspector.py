@@ -13,8 +13,13 @@ class AttentionInspector(io.ComfyNode):
             category="FreeVideo",
             description=(
                 "Runs the model once on the conditional input at one sigma and charts, for every self-attention layer, "
-                "the normalised attention entropy (orange: the layers IE-Adapt Entropy Guidance would register) and "
-                "Enhance-A-Video's cross-frame intensity. Costs about one model call."
+                "the normalised attention entropy of 'Understanding Attention Mechanism in Video Diffusion Models' "
+                "(IE-Adapt; orange: the layers IE-Adapt Entropy Guidance would register) and the cross-frame intensity "
+                "of 'Enhance-A-Video: Better Generated Video for Free' (Zhao et al. 2025; Enhance-A-Video scales a "
+                "layer more where it is higher). Costs about one model call. Use it to choose the guidance's layers "
+                "and top_k, or layers for other layer-targeted guidance (skip-layer, spatiotemporal): connect the same "
+                "model, latent and prompt as the sampler, and sigma = the schedule's first sigma (1.0 for Wan, "
+                "HunyuanVideo, LTX-Video and other flow models) to see what 'auto' registers with start_percent 0."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The video model to inspect (cloned; the input stays untouched)."),

@@ -15,12 +15,24 @@ class EVSSampler(io.ComfyNode):
             display_name="EVS Sampler (T2I + [T2V] + T2I)",
             category="FreeVideo",
             description=(
-                "EVS: refines a video with an image model for imaging quality and a video model for motion. "
-                "The image model SDEdits all frames; at image step t_T2V its clean-latent prediction goes through "
-                "one [T2V] block of the video model (noised to t_V, n_V steps), whose clean-latent prediction is "
-                "re-noised into the image run, which then finishes. Each model keeps its own sampling and schedule. "
-                "Latents pass directly when both models share the format and frames are batch entries "
-                "(SD1.5 + AnimateDiff); otherwise through pixels with both VAEs."
+                "EVS (Su et al., 'Encapsulated Composition of Text-to-Image and Text-to-Video Models for "
+                "High-Quality Video Synthesis', Algorithm 1): refines a video with an image model for imaging quality "
+                "and a video model for motion. The image model SDEdits all frames; at image step t_T2V its "
+                "clean-latent prediction goes through one [T2V] block of the video model (noised to t_V, n_V steps), "
+                "whose clean-latent prediction is re-noised into the image run, which then finishes. Each model keeps "
+                "its own sampling and schedule. Latents pass directly when both models share the format and frames "
+                "are batch entries (SD1.5 + AnimateDiff); otherwise through pixels with both VAEs. Put it after the "
+                "sampler that made the video (its LATENT in).\n"
+                "Tuning (the paper's trends): raise strength for more image-model detail, lower it to stay closer to "
+                "the input; raise t_T2V for better imaging but less consistency, lower it for more consistency; raise "
+                "t_V to remove more flicker, but too high drifts towards the video model's look; turn on sfi to keep "
+                "the image model's style (gamma 0.8 on deeper layers or 0.5 on shallower ones).\n"
+                "Settings: the paper uses an SD1.5 checkpoint with 50 steps at strength 0.4 and AnimateDiff-Lightning "
+                "(8-step schedule) as the video model; t_T2V 10 and t_V = n_V = 4 are our defaults for that pairing. "
+                "With Wan 2.1 as the video model, our starting point (workflows/wan21_evs_refine.json, Qwen-Image as "
+                "the image model at CFG 2.5): a 20-step video schedule at CFG 6 with t_V = n_V = 3. For HunyuanVideo, "
+                "LTX-Video and other undistilled video models, our recommendation is t_V at about 15-25% of "
+                "video_steps."
             ),
             inputs=[
                 io.Latent.Input("latent", tooltip="The video to refine, in the video model's latent format "
@@ -39,14 +51,16 @@ class EVSSampler(io.ComfyNode):
                              tooltip="Length of the image model's full schedule (paper: 50). strength picks its last "
                                      "strength x image_steps steps (rounded half up)."),
                 io.Float.Input("image_cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance of the image model."),
+                               tooltip="Classifier-free guidance of the image model: its usual value (e.g. 7.5 for "
+                                       "SD1.5 checkpoints, 2.5 for Qwen-Image in workflows/wan21_evs_refine.json)."),
                 io.Combo.Input("image_sampler", options=samplers, default="euler",
                                tooltip="ComfyUI sampler of the image stages."),
                 io.Combo.Input("image_scheduler", options=schedulers, default="normal",
                                tooltip="ComfyUI scheduler of the image schedule."),
                 io.Float.Input("strength", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="SDEdit strength of the image run: the fraction of image_steps it runs "
-                                       "(paper: 0.4, i.e. image steps 20..1 of 50). Must run at least one step."),
+                                       "(paper: 0.4, i.e. image steps 20..1 of 50). Higher = more image-model detail "
+                                       "and change; lower = closer to the input. Must run at least one step."),
                 io.Int.Input("t_T2V", default=10, min=1, max=10000,
                              tooltip="Image step (counted down to 1 like the paper's timesteps) where the [T2V] block "
                                      "is inserted; must lie in the image run (1..strength x image_steps). "
