@@ -40,6 +40,8 @@ from in_process import COMFY, ROOT
 # Top-level entries of the ComfyUI tree that a fresh install does not have or that belong to a user.
 NOT_COPIED = {".git", "custom_nodes", "user", "output", "input", "temp", "models", "extra_model_paths.yaml"}
 COMFY_CLI = "comfy-cli==1.23.0"
+PAPERS = ("Enhance-A-Video: Better Generated Video for Free", "Understanding Attention Mechanism in Video Diffusion Models",
+          "Encapsulated Composition of Text-to-Image and Text-to-Video Models")
 COMFY_CLI_VENV = Path(os.environ.get("FREEVIDEO_COMFY_CLI_VENV", ROOT / ".runtime" / "comfy-cli"))
 
 
@@ -174,6 +176,9 @@ def test_installed_pack_registers_every_node(installed_server):
     info = installed_server.get("/object_info")
     ours = {name for name, spec in info.items() if spec.get("python_module", "").endswith(PACK_NAME)}
     assert ours == expected_node_ids(), "the installed commit and this working tree define different nodes"
+    # What a user reads in the node's info panel: the paper it implements.
+    for name in ours:
+        assert any(title in info[name]["description"] for title in PAPERS), (name, info[name]["description"])
 
 
 def test_builtin_manager_lists_the_installed_pack(installed_server):
