@@ -172,6 +172,16 @@ def sampled_rows(n_rows: int, heads: int, rows: int, device=None, seed: int = SE
 
 
 @torch.no_grad()
+def restrict_to_tokens(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, start: int, stop: int):
+    """The sub-map of tokens [start, stop) attending to each other: q, k [B, H, L, D] and a ComfyUI
+    mask cut to those query rows and keys (softmax then renormalises over the kept keys)."""
+    mask = mask_4d(mask)
+    if mask is not None:
+        rows = slice(start, stop) if mask.shape[2] > 1 else slice(None)
+        mask = mask[:, :, rows, start:stop]
+    return q[:, :, start:stop], k[:, :, start:stop], mask
+
+
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, rows: int | None = DEFAULT_ROWS,
                       chunk_bytes: int = CHUNK_BYTES, seed: int = SEED) -> torch.Tensor:
     """Mean normalised attention entropy over heads and query rows, per batch element (float32 [B]).

@@ -18,9 +18,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from .attention_entropy import DEFAULT_ROWS, attention_entropy, heads_first
+from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
 from .attention_hooks import SelfAttentionLayers, tokens_view
 from .cross_frame_intensity import temporal_off_diagonal_mean
+from .entropy_guidance import MAPS, map_span
 from .models import adapter_for
 
 
@@ -31,9 +32,10 @@ class AttentionReport:
     cfi: list  # per layer, None where the call had fewer than 2 latent frames
     top: list  # the layers IE-Adapt's registry would pick (top_k highest entropy)
     exact: bool
+    attention_map: str  # "video tokens" or "whole map": what the entropy was measured over
 
     def table(self) -> str:
-        lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'}; "
+        lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'} over {self.attention_map}; "
                  f"IE-Adapt top {len(self.top)}: {', '.join(map(str, self.top))}",
                  "layer  entropy  CFI"]
         for i, (e, c) in enumerate(zip(self.entropy, self.cfi)):
@@ -48,8 +50,8 @@ def _one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0, entropy_rows: int = DEFAULT_ROWS,
-                      top_k: int = 1) -> AttentionReport:
+def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0, entropy_rows: int = 0,
+                      top_k: int = 1, attention_map: str = "video tokens") -> AttentionReport:
     adapter = adapter_for(model)
     sampling = model.get_model_object("model_sampling")
     lo, hi = float(sampling.sigma_min), float(sampling.sigma_max)
@@ -60,6 +62,8 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
         raise ValueError(f"top_k: {top_k}; this model has {n_layers} self-attention layers, use 1 to {n_layers}")
     if entropy_rows < 0:
         raise ValueError(f"entropy_rows: {entropy_rows}; use 0 (exact entropy) or a positive number of query rows per head")
+    if attention_map not in MAPS:
+        raise ValueError(f"attention_map: '{attention_map}'; use one of {', '.join(MAPS)}")
     rows = None if entropy_rows == 0 else entropy_rows
 
     clone = model.clone()
@@ -79,10 +83,14 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
             mask = kwargs.get("mask")
             if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0] > 1:
                 mask = mask.index_select(0, index)
-            e = attention_entropy(heads_first(q, heads, skip_reshape).index_select(0, index),
-                                  heads_first(k, heads, skip_reshape).index_select(0, index), mask, rows=rows)
+            qc, kc = heads_first(q, heads, skip_reshape).index_select(0, index), heads_first(k, heads, skip_reshape).index_select(0, index)
+            seq_len = q.shape[2] if skip_reshape else q.shape[1]
+            tokens = map_span(attention_map, layout, seq_len)
+            if tokens is not None:
+                qc, kc, mask = restrict_to_tokens(qc, kc, mask, *tokens)
+            e = attention_entropy(qc, kc, mask, rows=rows)
             cfi = None
-            span = layout.video_span(q.shape[2] if skip_reshape else q.shape[1])
+            span = layout.video_span(seq_len)
             if span is not None and span[1] >= 2:
                 start, frames = span
                 stop = start + frames * layout.tokens_per_frame
@@ -110,7 +118,7 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     entropy = [sums[i][0] / sums[i][1] for i in range(n_layers)]
     cfi = [sums[i][2] / sums[i][3] if sums[i][3] else None for i in range(n_layers)]
     top = sorted(sorted(range(n_layers), key=lambda i: (-entropy[i], i))[:top_k])
-    return AttentionReport(float(sigma), entropy, cfi, top, rows is None)
+    return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map)
 
 
 # chart --------------------------------------------------------------------------------------------
@@ -139,7 +147,8 @@ def render_chart(report: AttentionReport) -> torch.Tensor:
     d = ImageDraw.Draw(img)
     title, small = _font(15), _font(12)
     picks = ", ".join(f"{i} ({report.entropy[i]:.3f})" for i in report.top)
-    d.text((left, 6), f"Self-attention entropy at sigma {report.sigma:.4g} ({'exact' if report.exact else 'sampled'}); "
+    d.text((left, 6), f"Self-attention entropy ({report.attention_map}) at sigma {report.sigma:.4g} "
+                      f"({'exact' if report.exact else 'sampled'}); "
                       f"IE-Adapt top {len(report.top)}: {picks}", fill=_TEXT, font=title)
     plot_w = bar * n
     label_every = max(1, math.ceil(22 / bar))

@@ -20,10 +20,14 @@ attention handler perturbs only the branch elements. The one exception is the re
 the layer choice needs the whole conditional forward, so that evaluation runs the branches in a
 second call.
 
-Text tokens (HunyuanVideo, Mochi joint attention): the replaced map is the layer's whole self-
-attention map, text rows and keys included, as in the paper's CogVideoX analysis (full 3D attention
-over text and video): I returns every token's own value, U the mean value over every key the mask
-allows, for every query. The entropy that picks the layers is measured over the same whole map.
+Text tokens (HunyuanVideo, Mochi, CogVideoX joint attention): the paper studies U-Net models whose
+temporal and spatial layers attend over video tokens only, and is silent on text in the map. By
+default ("video tokens") the map that is measured and replaced is the video-to-video part: the
+entropy of video queries over video keys, U returns the mean value of the video keys to every video
+query, I each video token's own value, and text rows keep their original attention (so the uniform
+branch does not mix text values into the video). "whole map" measures and replaces the whole
+self-attention map, text rows and keys included. Families without text in self-attention (Wan,
+LTX-Video, Cosmos) give the same result either way.
 """
 
 import logging
@@ -35,7 +39,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 
-from .attention_entropy import DEFAULT_ROWS, attention_entropy, heads_first, mask_4d
+from .attention_entropy import attention_entropy, heads_first, mask_4d, restrict_to_tokens
 from .attention_hooks import SelfAttentionLayers, SigmaWindow, calls_kernel, parse_layer_list
 from .models import adapter_for
 
@@ -45,6 +49,18 @@ BRANCHES = ("uniform", "original", "identity")
 # (positive, negative) pairs of the paper (table 2): the positive branch ranks higher in quality
 # (U > A > I); (U, I) had the best average rank, (A, I) is perturbed-attention guidance.
 PAIRS = (("uniform", "identity"), ("original", "identity"), ("uniform", "original"))
+MAPS = ("video tokens", "whole map")
+
+
+def map_span(attention_map: str, layout, seq_len: int) -> tuple[int, int] | None:
+    """(start, stop) of the tokens whose map is measured and replaced, or None for the whole map."""
+    if attention_map == "whole map" or layout is None:
+        return None
+    span = layout.video_span(seq_len)
+    if span is None:
+        return None
+    start, stop = span[0], span[0] + span[1] * layout.tokens_per_frame
+    return None if (start, stop) == (0, seq_len) else (start, stop)
 
 
 @dataclass(frozen=True)
@@ -91,10 +107,12 @@ class EntropyGuidance:
     (ComfyUI deep-copies model_options on every clone; a bound method there would copy the model)."""
 
     def __init__(self, model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
-                 top_k: int = 1, entropy_rows: int = DEFAULT_ROWS, start_percent: float = 0.0, end_percent: float = 1.0):
+                 top_k: int = 1, entropy_rows: int = 0, start_percent: float = 0.0, end_percent: float = 1.0,
+                 attention_map: str = "video tokens"):
         adapter = adapter_for(model)
         n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
-        _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows)
+        _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows, attention_map)
+        self.attention_map = attention_map
         self.auto = layers.strip().lower() == "auto"
         if not self.auto and not layers.strip():
             raise ValueError("layers: empty; use 'auto' (register the top_k highest-entropy layers) or indices such as '12' or '10-12, 20'")
@@ -231,13 +249,16 @@ class EntropyGuidance:
                 self._warned.add("partial")
                 log.warning("IE-Adapt: self-attention layer %d is not one square kernel call; it is not measured or perturbed", layer)
             return call_next(q, k, v, heads, **kwargs)
+        span = map_span(self.attention_map, layout, q.shape[-2 if skip_reshape else 1])
         if plan.measure:
             cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
             if cond:
                 index = torch.tensor(cond, device=q.device)
-                e = attention_entropy(heads_first(q, heads, skip_reshape).index_select(0, index),
-                                      heads_first(k, heads, skip_reshape).index_select(0, index),
-                                      _batch_mask(mask, b, index), rows=self.rows)
+                qc, kc = heads_first(q, heads, skip_reshape).index_select(0, index), heads_first(k, heads, skip_reshape).index_select(0, index)
+                mc = _batch_mask(mask, b, index)
+                if span is not None:
+                    qc, kc, mc = restrict_to_tokens(qc, kc, mc, *span)
+                e = attention_entropy(qc, kc, mc, rows=self.rows)
                 total = float(e.sum())
                 with self._sink_lock:
                     before, count = self._sink.get(layer, (0.0, 0))
@@ -245,9 +266,11 @@ class EntropyGuidance:
         kinds = [plan.branches.get(c) for c in groups]
         if not plan.branches or layer not in (self.registered or ()) or not any(kinds):
             return call_next(q, k, v, heads, **kwargs)
-        return self._perturbed(kinds, per, call_next, q, k, v, heads, **kwargs)
+        return self._perturbed(kinds, per, span, call_next, q, k, v, heads, **kwargs)
 
-    def _perturbed(self, kinds, per, call_next, q, k, v, heads, **kwargs):
+    def _perturbed(self, kinds, per, span, call_next, q, k, v, heads, **kwargs):
+        """The kernel output with the branch elements' map replaced: over the whole map, or (span)
+        over the video tokens only, whose text rows then keep the original attention."""
         b = q.shape[0]
         skip_reshape = kwargs.get("skip_reshape", False)
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
@@ -255,7 +278,7 @@ class EntropyGuidance:
         options = kwargs["transformer_options"]
         element_kind = [kinds[i // per] for i in range(b)]
         normal = [i for i in range(b) if element_kind[i] is None]
-        if normal and not calls_kernel(call_next):
+        if (normal and not calls_kernel(call_next)) or span is not None:
             # Slicing the branch elements out of the kernel call saves their attention, but another
             # override inside ours (another pack, Enhance-A-Video) may keep per-call state shaped
             # like the whole batch: it gets the whole batch.
@@ -274,20 +297,24 @@ class EntropyGuidance:
             shape = (b, heads, n_q, dim) if skip_output_reshape else (b, n_q, heads * dim)
             out = q.new_empty(shape)
         vh = heads_first(v, heads, skip_reshape)
-        n_q = q.shape[2] if skip_reshape else q.shape[1]
+        start, stop = span if span is not None else (0, q.shape[2] if skip_reshape else q.shape[1])
+        tokens = out[:, :, start:stop] if skip_output_reshape else out[:, start:stop]
         for kind in ("identity", "uniform"):
             rows = [i for i in range(b) if element_kind[i] == kind]
             if not rows:
                 continue
             index = torch.tensor(rows, device=q.device)
-            r = replaced_attention(kind, vh.index_select(0, index), n_q, _batch_mask(mask, b, index))
+            _, vk, m = restrict_to_tokens(vh.index_select(0, index), vh.index_select(0, index), _batch_mask(mask, b, index), start, stop)
+            r = replaced_attention(kind, vk, stop - start, m)
             if not skip_output_reshape:
-                r = r.transpose(1, 2).reshape(len(rows), n_q, -1)
-            out[index] = r.to(out.dtype)
+                r = r.transpose(1, 2).reshape(len(rows), stop - start, -1)
+            tokens[index] = r.to(out.dtype)
         return out
 
 
-def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows):
+def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows, attention_map):
+    if attention_map not in MAPS:
+        raise ValueError(f"attention_map: '{attention_map}'; use one of {', '.join(MAPS)}")
     if scale < 0:
         raise ValueError(f"scale: {scale} is negative; use 0 (off) or more (the direction is set by the branch pair)")
     for name, value in (("positive_branch", positive), ("negative_branch", negative)):
@@ -306,6 +333,11 @@ def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows):
 
 
 def apply_entropy_guidance(model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
-                           top_k: int = 1, entropy_rows: int = DEFAULT_ROWS, start_percent: float = 0.0, end_percent: float = 1.0):
-    """A clone of `model` with IE-Adapt guidance; scale 0 returns a plain clone (bit-identical sampling)."""
-    return EntropyGuidance(model, scale, positive, negative, layers, top_k, entropy_rows, start_percent, end_percent).clone
+                           top_k: int = 1, entropy_rows: int = 0, start_percent: float = 0.0, end_percent: float = 1.0,
+                           attention_map: str = "video tokens"):
+    """A clone of `model` with IE-Adapt guidance; scale 0 returns a plain clone (bit-identical sampling).
+
+    entropy_rows 0 (exact entropy) is the default: the registry runs once per sampling run, where the
+    exact entropy costs about one model call, and the sampled estimate can swap close layers."""
+    return EntropyGuidance(model, scale, positive, negative, layers, top_k, entropy_rows, start_percent, end_percent,
+                           attention_map).clone

@@ -1,7 +1,7 @@
 from comfy_api.latest import io
 
-from ..enhance_core.attention_entropy import DEFAULT_ROWS
 from ..enhance_core.attention_inspector import inspect_attention, render_chart
+from ..enhance_core.entropy_guidance import MAPS
 
 
 class AttentionInspector(io.ComfyNode):
@@ -34,8 +34,13 @@ class AttentionInspector(io.ComfyNode):
                              tooltip="Seed of the noise added to the latent at sigma."),
                 io.Int.Input("top_k", default=1, min=1, max=200,
                              tooltip="How many highest-entropy layers to highlight (the guidance node's top_k)."),
-                io.Int.Input("entropy_rows", default=DEFAULT_ROWS, min=0, max=65536,
-                             tooltip="Query rows per head of the entropy estimate (as in the guidance node); 0 = exact."),
+                io.Int.Input("entropy_rows", default=0, min=0, max=65536,
+                             tooltip="0 (default): exact entropy. A number such as 512: the estimate from that many query "
+                                     "rows per head (as in the guidance node), for very long videos."),
+                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens",
+                               tooltip="What the entropy is measured over, as in the guidance node: the video-to-video map "
+                                       "or the whole self-attention map (differs only where text is in self-attention: "
+                                       "HunyuanVideo, Mochi, CogVideoX). The chart's title says which."),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar charts of entropy and CFI per self-attention layer."),
@@ -44,6 +49,6 @@ class AttentionInspector(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latent, positive, sigma, seed, top_k, entropy_rows) -> io.NodeOutput:
-        report = inspect_attention(model, latent, positive, sigma, seed, entropy_rows, top_k)
+    def execute(cls, model, latent, positive, sigma, seed, top_k, entropy_rows, attention_map="video tokens") -> io.NodeOutput:
+        report = inspect_attention(model, latent, positive, sigma, seed, entropy_rows, top_k, attention_map)
         return io.NodeOutput(render_chart(report), report.table())

@@ -1,7 +1,6 @@
 from comfy_api.latest import io
 
-from ..enhance_core.attention_entropy import DEFAULT_ROWS
-from ..enhance_core.entropy_guidance import BRANCHES, apply_entropy_guidance
+from ..enhance_core.entropy_guidance import BRANCHES, MAPS, apply_entropy_guidance
 from ..enhance_core.models import supported_families
 
 
@@ -54,20 +53,28 @@ class EntropyGuidance(io.ComfyNode):
                                      "perturb more of the model: a stronger, less targeted effect at the same scale. "
                                      "Ignored with a manual layer list; must not exceed the model's number of "
                                      "self-attention layers."),
-                io.Int.Input("entropy_rows", default=DEFAULT_ROWS, min=0, max=65536,
-                             tooltip="Query rows per head the registry's entropy estimate uses (exact over all keys; within "
-                                     "1% of the exact value in tests). 0 computes the exact entropy over every row, "
-                                     "which costs about one attention pass per layer."),
+                io.Int.Input("entropy_rows", default=0, min=0, max=65536,
+                             tooltip="0 (default): the registry measures the exact entropy, about one extra model call "
+                                     "once per run. A number such as 512 estimates it from that many query rows per head "
+                                     "(exact over all keys, within 1% in tests) for very long videos; close layers can "
+                                     "then swap places."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Fraction of the sampling run (0 = first step) where the guidance starts; the "
                                        "registry is measured at the first step inside the window."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Fraction of the sampling run where the guidance stops."),
+                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens",
+                               tooltip="Joint-attention models (HunyuanVideo, Mochi, CogVideoX) have text tokens in "
+                                       "self-attention. 'video tokens': measure and replace only the video-to-video map; "
+                                       "text keeps its attention and the uniform branch mixes no text into the video "
+                                       "(ours; the paper's U-Net models have no text there). 'whole map': text rows and "
+                                       "keys too. Same result either way for Wan, LTX-Video and Cosmos."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, positive_branch, negative_branch, layers, top_k, entropy_rows, start_percent, end_percent) -> io.NodeOutput:
+    def execute(cls, model, scale, positive_branch, negative_branch, layers, top_k, entropy_rows, start_percent, end_percent,
+                attention_map="video tokens") -> io.NodeOutput:
         return io.NodeOutput(apply_entropy_guidance(model, scale, positive_branch, negative_branch, layers, top_k,
-                                                    entropy_rows, start_percent, end_percent))
+                                                    entropy_rows, start_percent, end_percent, attention_map))
