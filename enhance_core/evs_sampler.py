@@ -124,9 +124,35 @@ def plan_evs(image: Stage, video: Stage, strength: float, t_T2V: int, t_V: int, 
                 video_sigmas=video_sigmas, video_start=video.steps - t_V, video_end=video.steps - t_V + n_V)
 
 
+# The paper's two balance points (Fig. 8, U-Net layers): deeper layers with gamma 0.8, or shallower
+# layers with gamma 0.5. On a DiT, which has no encoder/decoder depth, "deeper" is our reading as the
+# second half of the self-attention layers and "shallower" as the first half.
+SFI_SETTINGS = ("deeper layers, gamma 0.8", "shallower layers, gamma 0.5", "custom (sfi_layers, sfi_gamma)")
+
+
+def sfi_layers_and_gamma(setting: str, layers: str, gamma: float, n_layers: int) -> tuple[str, float]:
+    """The layer list and gamma of an SFI setting."""
+    if setting == SFI_SETTINGS[0]:
+        return f"{n_layers // 2}-{n_layers - 1}", 0.8
+    if setting == SFI_SETTINGS[1]:
+        return f"0-{max(n_layers // 2 - 1, 0)}", 0.5
+    if setting == SFI_SETTINGS[2]:
+        return layers, gamma
+    raise ValueError(f"sfi_setting: '{setting}'; use one of: {'; '.join(SFI_SETTINGS)}")
+
+
+def _token_axis(kwargs) -> int:
+    return 2 if kwargs.get("skip_reshape", False) else 1
+
+
 class SelectiveFeatureInjection:
     """Records Q, K, V of chosen self-attention layers of the video model during the DDIM inversion,
     and in the [T2V] steps replaces them: Attn(gamma*Q_inv + (1-gamma)*Q, K_inv, V_inv) (Eq. 11).
+
+    Video tokens only: in joint-attention families (HunyuanVideo, Mochi, CogVideoX) the text tokens of
+    every branch keep their own Q, K, V. The inversion runs with the positive prompt; injecting its
+    text keys and values into the unconditional branch would pull that branch towards the positive
+    prompt (wrong CFG), and the paper's U-Net layers hold video tokens only.
 
     Features are matched by noise level: a denoising call uses those the inversion recorded at the
     nearest level (the same level for first-order samplers). Only the levels the block evaluates are
@@ -147,7 +173,7 @@ class SelectiveFeatureInjection:
         self.sigma = None
         self.levels = []
         self.store = {}
-        self._warned = False
+        self._warned = set()
         self.hooks.route(self.layers, self._attention)
 
     def keep_levels(self, sigmas) -> None:
@@ -161,27 +187,41 @@ class SelectiveFeatureInjection:
             return None
         return best
 
+    def _warn(self, key, message, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
     def _attention(self, layer, layout, call_next, q, k, v, heads, **kwargs):
+        if self.mode is None:
+            return call_next(q, k, v, heads, **kwargs)
+        axis = _token_axis(kwargs)
+        span = layout.video_span(q.shape[axis])
+        if span is None or k.shape[axis] != q.shape[axis]:
+            self._warn("layout", "EVS SFI: self-attention layer %d has no whole video in this kernel call; not injected there", layer)
+            return call_next(q, k, v, heads, **kwargs)
+        start, stop = span[0], span[0] + span[1] * layout.tokens_per_frame
         if self.mode == "record":
             level = self._level(exact=True)
             if level is not None:
-                self.store[(level, layer)] = (q.detach().clone(), k.detach().clone(), v.detach().clone())
-        elif self.mode == "inject":
-            level = self._level(exact=False)
-            saved = self.store.get((level, layer))
-            if saved is not None:
-                q_inv, k_inv, v_inv = saved
-                reps = q.shape[0] // q_inv.shape[0] if q_inv.shape[0] else 0
-                if reps >= 1 and q.shape[0] == reps * q_inv.shape[0] and q.shape[1:] == q_inv.shape[1:] and k.shape[1:] == k_inv.shape[1:]:
-                    # cond and uncond run as one batch or one at a time: tile the (conditional) record.
-                    if reps > 1:
-                        q_inv, k_inv, v_inv = (t.repeat(reps, *([1] * (t.ndim - 1))) for t in (q_inv, k_inv, v_inv))
-                    q = self.gamma * q_inv.to(q) + (1.0 - self.gamma) * q
-                    return call_next(q, k_inv.to(k), v_inv.to(v), heads, **kwargs)
-                if not self._warned:
-                    log.warning("EVS SFI: attention shapes differ from the inversion's (%s vs %s); layer left as is",
-                                tuple(q.shape), tuple(q_inv.shape))
-                    self._warned = True
+                self.store[(level, layer)] = tuple(t.narrow(axis, start, stop - start).detach().clone() for t in (q, k, v))
+            return call_next(q, k, v, heads, **kwargs)
+        saved = self.store.get((self._level(exact=False), layer))
+        if saved is None:
+            return call_next(q, k, v, heads, **kwargs)
+        q_inv, k_inv, v_inv = saved
+        video = q.narrow(axis, start, stop - start)
+        reps = q.shape[0] // q_inv.shape[0] if q_inv.shape[0] else 0
+        if reps < 1 or q.shape[0] != reps * q_inv.shape[0] or video.shape[1:] != q_inv.shape[1:]:
+            self._warn("shape", "EVS SFI: the video tokens of layer %d differ from the inversion's (%s vs %s); not injected there",
+                       layer, tuple(video.shape), tuple(q_inv.shape))
+            return call_next(q, k, v, heads, **kwargs)
+        # cond and uncond run as one batch or one at a time: tile the (conditional) record.
+        tile = lambda t: t.repeat(reps, *([1] * (t.ndim - 1))) if reps > 1 else t  # noqa: E731
+        q, k, v = q.clone(), k.clone(), v.clone()
+        q.narrow(axis, start, stop - start).mul_(1.0 - self.gamma).add_(tile(q_inv).to(q), alpha=self.gamma)
+        k.narrow(axis, start, stop - start).copy_(tile(k_inv))
+        v.narrow(axis, start, stop - start).copy_(tile(v_inv))
         return call_next(q, k, v, heads, **kwargs)
 
 
@@ -291,7 +331,7 @@ def _run(guider, noise, latent, sampler, sigmas, progress: _Progress, seed: int)
 
 def evs_sample(image: Stage, video: Stage, latent: dict, strength: float, t_T2V: int, t_V: int, n_V: int,
                seed: int, image_vae=None, video_vae=None, sfi: bool = False, sfi_gamma: float = 0.8,
-               sfi_layers: str = "all"):
+               sfi_layers: str = "all", sfi_setting: str = SFI_SETTINGS[2]):
     """Run EVS on `latent` (a LATENT dict holding the video in the video model's format).
 
     Returns (LATENT dict in the video's format, decoded frames [N, H, W, 3] or None without VAEs).
@@ -305,7 +345,11 @@ def evs_sample(image: Stage, video: Stage, latent: dict, strength: float, t_T2V:
     video_stage = video
     if sfi:
         clone = video.model.clone()
-        injector = SelectiveFeatureInjection(clone, sfi_layers, sfi_gamma)
+        try:
+            n_layers = len(adapter_for(clone).sites(clone.get_model_object("diffusion_model")))
+        except ValueError as e:
+            raise ValueError(f"video_model (Selective Feature Injection): {e}") from None
+        injector = SelectiveFeatureInjection(clone, *sfi_layers_and_gamma(sfi_setting, sfi_layers, sfi_gamma, n_layers))
         video_stage = Stage(clone, video.positive, video.negative, video.cfg, video.sampler_name, video.scheduler, video.steps)
     inner_image = comfy.samplers.sampler_object(image.sampler_name)
     inner_video = comfy.samplers.sampler_object(video.sampler_name)

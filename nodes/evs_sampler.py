@@ -1,7 +1,7 @@
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..enhance_core.evs_sampler import Stage, evs_sample
+from ..enhance_core.evs_sampler import SFI_SETTINGS, Stage, evs_sample
 from ..enhance_core.models import supported_families
 
 
@@ -86,11 +86,17 @@ class EVSSampler(io.ComfyNode):
                                          "(1-gamma)*Q, K_inv, V_inv) there in the block. Supported video models: "
                                          + "; ".join(supported_families()) + "."),
                 io.Float.Input("sfi_gamma", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="SFI query blend gamma (paper: 0.8 in deeper layers, 0.5 in shallower ones); "
-                                       "1 keeps the inversion's attention maps."),
+                               tooltip="SFI query blend gamma, used with sfi_setting 'custom' (paper: 0.8 in deeper "
+                                       "layers, 0.5 in shallower ones); 1 keeps the inversion's attention maps."),
                 io.String.Input("sfi_layers", default="all",
-                                tooltip="SFI self-attention layers of the video model: 'all', or indices and ranges such "
-                                        "as '10-19'. Memory: these layers x n_V x Q, K, V of the video's tokens."),
+                                tooltip="SFI self-attention layers of the video model, used with sfi_setting 'custom': "
+                                        "'all', or indices and ranges such as '10-19'. Memory: these layers x n_V x Q, K, "
+                                        "V of the video's tokens."),
+                io.Combo.Input("sfi_setting", options=list(SFI_SETTINGS), default=SFI_SETTINGS[0],
+                               tooltip="The paper's two balance points (its Fig. 8): deeper layers with gamma 0.8, or "
+                                       "shallower layers with gamma 0.5; on these DiT models 'deeper' is the second half "
+                                       "of the self-attention layers and 'shallower' the first half (our reading: a DiT "
+                                       "has no U-Net depth). 'custom' uses sfi_layers and sfi_gamma."),
                 io.Vae.Input("image_vae", optional=True,
                              tooltip="VAE of the image model. Needed (with video_vae) when the latents are bridged "
                                      "through pixels; in the direct case it decodes the output frames."),
@@ -108,9 +114,10 @@ class EVSSampler(io.ComfyNode):
     def execute(cls, latent, image_model, image_positive, image_negative, video_model, video_positive,
                 video_negative, seed, image_steps, image_cfg, image_sampler, image_scheduler, strength, t_T2V,
                 video_steps, video_cfg, video_sampler, video_scheduler, t_V, n_V, sfi, sfi_gamma, sfi_layers,
-                image_vae=None, video_vae=None) -> io.NodeOutput:
+                sfi_setting=SFI_SETTINGS[0], image_vae=None, video_vae=None) -> io.NodeOutput:
         image = Stage(image_model, image_positive, image_negative, image_cfg, image_sampler, image_scheduler, image_steps)
         video = Stage(video_model, video_positive, video_negative, video_cfg, video_sampler, video_scheduler, video_steps)
         out, frames = evs_sample(image, video, latent, strength, t_T2V, t_V, n_V, seed, image_vae=image_vae,
-                                 video_vae=video_vae, sfi=sfi, sfi_gamma=sfi_gamma, sfi_layers=sfi_layers)
+                                 video_vae=video_vae, sfi=sfi, sfi_gamma=sfi_gamma, sfi_layers=sfi_layers,
+                                 sfi_setting=sfi_setting)
         return io.NodeOutput(out, frames)

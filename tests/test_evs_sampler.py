@@ -384,7 +384,7 @@ def test_node_schema_execute_and_workflows(sd15):
     out = EVSSampler.execute(sd15_video(), sd15, c, c, sd15, c, c, seed=1, image_steps=4, image_cfg=1.0,
                              image_sampler="euler", image_scheduler="normal", strength=0.5, t_T2V=1, video_steps=2,
                              video_cfg=1.0, video_sampler="euler", video_scheduler="sgm_uniform", t_V=2, n_V=1,
-                             sfi=False, sfi_gamma=0.8, sfi_layers="all")
+                             sfi=False, sfi_gamma=0.8, sfi_layers="all", sfi_setting="custom (sfi_layers, sfi_gamma)")
     assert out.result[0]["samples"].shape == (3, 4, 4, 4) and out.result[1] is None
     # workflows: the EVS node's widget values follow the schema's widget inputs (seed adds its control)
     widgets = [i.id for i in schema.inputs if type(i).__name__ == "Input" and i.get_io_type() in
@@ -409,7 +409,8 @@ def test_through_comfyuis_own_server(tmp_path):
            "video_model": ["1", 0], "video_positive": ["2", 0], "video_negative": ["3", 0], "seed": 1,
            "image_steps": 10, "image_cfg": 3.0, "image_sampler": "euler", "image_scheduler": "simple", "strength": 0.4,
            "t_T2V": 2, "video_steps": 4, "video_cfg": 3.0, "video_sampler": "euler", "video_scheduler": "simple",
-           "t_V": 2, "n_V": 2, "sfi": True, "sfi_gamma": 0.8, "sfi_layers": "2-3", "image_vae": ["6", 0], "video_vae": ["6", 0]}
+           "t_V": 2, "n_V": 2, "sfi": True, "sfi_gamma": 0.8, "sfi_layers": "2-3",
+           "sfi_setting": "custom (sfi_layers, sfi_gamma)", "image_vae": ["6", 0], "video_vae": ["6", 0]}
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": wan.name, "weight_dtype": "default"}},
         "2": cond("a red fox runs through snow"), "3": cond("blurry"),

@@ -1,0 +1,73 @@
+"""EVS Selective Feature Injection on every family, joint text-video attention included, with video
+CFG > 1: the kernel of an injected layer gets the inversion's video K, V and the blended video Q in
+both the conditional and the unconditional element, and each element's own text tokens."""
+
+import pytest
+import torch
+
+from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
+from freevideo.enhance_core.evs_sampler import SFI_SETTINGS, SelectiveFeatureInjection, sfi_layers_and_gamma
+from freevideo.enhance_core.models import adapter_for
+from sampling import ksample
+from test_families import FAMILIES, FRAMES, conditioning, load
+
+GAMMA = 0.7
+
+
+def _video_axis(kwargs):
+    return 2 if kwargs.get("skip_reshape") else 1
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
+def test_injects_video_tokens_and_keeps_each_branchs_text(fam):
+    model = load(fam)
+    clone = model.clone()
+    seen = []
+
+    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+        axis = _video_axis(kwargs)
+        span = layout.video_span(q.shape[axis])
+        seen.append(dict(q=q.clone(), k=k.clone(), v=v.clone(), axis=axis, groups=list(kwargs["transformer_options"]["cond_or_uncond"]),
+                         video=(span[0], span[0] + span[1] * layout.tokens_per_frame)))
+        return call_next(q, k, v, heads, **kwargs)
+    # Inside the injection (registered first): it sees what the kernel gets.
+    SelfAttentionLayers(clone, adapter_for(clone), "test_recorder", "test recorder").route([0], record)
+    sfi = SelectiveFeatureInjection(clone, "0", GAMMA)
+    sigma = float(model.get_model_object("model_sampling").sigma_max)
+    sfi.keep_levels([sigma])
+    sfi.sigma = sigma
+    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+
+    def run(mode, cfg, seed):
+        sfi.mode = mode
+        seen.clear()
+        ksample(clone, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=cfg, seed=seed)
+        (call,) = seen
+        return call
+
+    recorded = run("record", 1.0, seed=5)  # the inversion: positive prompt only
+    assert recorded["groups"] == [0]
+    plain = run(None, 3.0, seed=9)
+    injected = run("inject", 3.0, seed=9)
+    assert sorted(plain["groups"]) == [0, 1] and injected["groups"] == plain["groups"]
+    axis, (start, stop) = plain["axis"], plain["video"]
+    per = plain["q"].shape[0] // 2
+    for name in ("q", "k", "v"):
+        inv = recorded[name].narrow(axis, start, stop - start)
+        for g in range(2):  # cond and uncond elements
+            got = injected[name][g * per:(g + 1) * per]
+            own = plain[name][g * per:(g + 1) * per]
+            video = got.narrow(axis, start, stop - start)
+            expected = GAMMA * inv + (1 - GAMMA) * own.narrow(axis, start, stop - start) if name == "q" else inv
+            torch.testing.assert_close(video, expected.to(video.dtype), rtol=1e-5, atol=1e-6)
+            for a, b in ((0, start), (stop, got.shape[axis])):  # text tokens: the element's own
+                if b > a:
+                    assert torch.equal(got.narrow(axis, a, b - a), own.narrow(axis, a, b - a)), (name, g)
+
+
+def test_paper_settings_pick_layer_halves_and_gamma():
+    assert sfi_layers_and_gamma(SFI_SETTINGS[0], "all", 0.3, 30) == ("15-29", 0.8)
+    assert sfi_layers_and_gamma(SFI_SETTINGS[1], "all", 0.3, 30) == ("0-14", 0.5)
+    assert sfi_layers_and_gamma(SFI_SETTINGS[2], "3-4", 0.3, 30) == ("3-4", 0.3)
+    with pytest.raises(ValueError, match="sfi_setting"):
+        sfi_layers_and_gamma("deep", "all", 0.3, 30)
