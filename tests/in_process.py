@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
 
 
-def setup():
-    """Idempotent; must run before anything imports comfy.model_management."""
+def setup(cpu: bool = True):
+    """Idempotent; must run before anything imports comfy.model_management. cpu=False leaves the
+    device choice to ComfyUI (GPU scripts)."""
     if "freevideo" in sys.modules:
         return sys.modules["freevideo"]
     if not (COMFY / "comfy").is_dir():
@@ -21,7 +22,7 @@ def setup():
         if path not in sys.path:
             sys.path.insert(0, path)
     from comfy.cli_args import args
-    args.cpu = True
+    args.cpu = cpu
     args.use_pytorch_cross_attention = True
     spec = importlib.util.spec_from_file_location("freevideo", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
