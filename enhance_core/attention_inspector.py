@@ -50,6 +50,23 @@ def _one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+def _check_latent(model, latent: dict) -> None:
+    """A clear error when the latent is not one this video model samples (an image latent, another
+    family's latent), instead of a shape error deep in the model call. Empty latents are accepted as
+    ComfyUI's samplers accept them (they take the model's channel count and a frame axis)."""
+    samples = latent["samples"]
+    if getattr(samples, "is_nested", False):
+        return
+    fmt = model.get_model_object("latent_format")
+    fixed = comfy.sample.fix_empty_latent_channels(model, samples)
+    dims = getattr(fmt, "latent_dimensions", 2)
+    if fixed.ndim != dims + 2 or fixed.shape[1] != fmt.latent_channels:
+        want = f"[B, {fmt.latent_channels}, T, H, W]" if dims == 3 else f"[B, {fmt.latent_channels}, H, W]"
+        raise ValueError(f"latent: shape {tuple(samples.shape)} is not a video latent of this model; its latent format "
+                         f"({type(fmt).__name__}) takes {want} latents. Connect the latent the sampler starts from "
+                         "(e.g. the model family's empty video latent node, or a video encoded with this model's VAE)")
+
+
 def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0, entropy_rows: int = 0,
                       top_k: int = 1, attention_map: str = "video tokens") -> AttentionReport:
     adapter = adapter_for(model)
@@ -62,6 +79,7 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
         raise ValueError(f"top_k: {top_k}; this model has {n_layers} self-attention layers, use 1 to {n_layers}")
     if entropy_rows < 0:
         raise ValueError(f"entropy_rows: {entropy_rows}; use 0 (exact entropy) or a positive number of query rows per head")
+    _check_latent(model, latent)
     if attention_map not in MAPS:
         raise ValueError(f"attention_map: '{attention_map}'; use one of {', '.join(MAPS)}")
     rows = None if entropy_rows == 0 else entropy_rows

@@ -68,6 +68,8 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
     """A clone of `model` with Enhance-A-Video on the chosen self-attention layers.
 
     weight 0 returns a plain clone (bit-identical sampling)."""
+    if weight != weight:
+        raise ValueError(f"weight: {weight} is not a number; use 0 (off) to 100")
     if weight < 0:
         raise ValueError(f"weight: {weight} is negative; use 0 (off) or more")
     adapter = adapter_for(model)

@@ -33,7 +33,8 @@ class TestTextConditioning(io.ComfyNode):
 
 class TestNodes(ComfyExtension):
     async def get_node_list(self):
-        return [TestTextConditioning]
+        from .robustness_nodes import NODES as ROBUSTNESS_NODES
+        return [TestTextConditioning] + ROBUSTNESS_NODES
 
 
 async def comfy_entrypoint():
