@@ -36,6 +36,11 @@ KERNEL_OPTIONAL_ARGS = ("mask", "attn_precision", "skip_reshape", "skip_output_r
 _APPLY_MODEL_OPTIONS_ARG = 4
 
 
+def apply_model_options(args, kwargs) -> dict:
+    """The per-call transformer_options an APPLY_MODEL wrapper receives (the arguments after x)."""
+    return kwargs["transformer_options"] if "transformer_options" in kwargs else args[_APPLY_MODEL_OPTIONS_ARG]
+
+
 def add_attention_override(model_patcher, key: str, handler):
     """Route every attention kernel call of `model_patcher` through
     handler(call_next, q, k, v, heads, **kwargs).
@@ -59,7 +64,7 @@ def add_attention_override(model_patcher, key: str, handler):
         return chained[previous]
 
     def install(executor, x, *args, **kwargs):
-        options = kwargs["transformer_options"] if "transformer_options" in kwargs else args[_APPLY_MODEL_OPTIONS_ARG]
+        options = apply_model_options(args, kwargs)
         previous = options.get(OVERRIDE_KEY)
         options[OVERRIDE_KEY] = chain(previous)
         try:

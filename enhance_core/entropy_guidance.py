@@ -32,15 +32,14 @@ LTX-Video, Cosmos) give the same result either way.
 
 import logging
 import threading
-from dataclasses import dataclass, field
 
 import torch
 
 import comfy.patcher_extension
-import comfy.samplers
 
 from .attention_entropy import attention_entropy, heads_first, mask_4d, restrict_to_tokens
 from .attention_hooks import SelfAttentionLayers, SigmaWindow, calls_kernel, parse_layer_list
+from .branch_runner import Branch, BranchRunner, call_plan, cond_of_rows
 from .models import adapter_for
 
 log = logging.getLogger(__name__)
@@ -61,21 +60,6 @@ def map_span(attention_map: str, layout, seq_len: int) -> tuple[int, int] | None
         return None
     start, stop = span[0], span[0] + span[1] * layout.tokens_per_frame
     return None if (start, stop) == (0, seq_len) else (start, stop)
-
-
-@dataclass(frozen=True)
-class _CallPlan:
-    """What one calc_cond_batch call asks of the attention handler. Not a dict: ComfyUI's per-call
-    merge of transformer_options copies dicts but passes other values through by reference."""
-
-    branches: dict = field(default_factory=dict)  # cond index -> "identity" | "uniform"
-    measure: bool = False
-
-
-def _with_plan(model_options: dict, key: str, plan: _CallPlan) -> dict:
-    options = model_options.copy()
-    options["transformer_options"] = dict(options.get("transformer_options", {}), **{key: plan})
-    return options
 
 
 def _batch_mask(mask, batch: int, index: torch.Tensor):
@@ -135,9 +119,8 @@ class EntropyGuidance:
         self.key = f"freevideo_ie_adapt_{id(self)}"
         hooks = SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt guidance")
         hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
-        self._previous = self.clone.model_options.get("sampler_calc_cond_batch_function")
         state = self
-        self.clone.set_model_sampler_calc_cond_batch_function(lambda args: state._calc_cond_batch(args))
+        self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
         self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
                                         lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
@@ -152,35 +135,25 @@ class EntropyGuidance:
     def _active(self, sigma, cond) -> bool:
         return cond is not None and self.window.contains({"sigmas": sigma})
 
-    def _base(self, args, model_options):
-        if self._previous is not None:
-            return self._previous(dict(args, model_options=model_options))
-        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"], model_options)
-
     def _calc_cond_batch(self, args):
-        conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        conds, x, sigma = args["conds"], args["input"], args["sigma"]
         self._pending = None
         if not self._active(sigma, conds[0]):
-            return self._base(args, options)
+            return self.runner.run(args)[0]
         if self._needs_report is None:  # sampled without an OUTER_SAMPLE wrapper call
             self._new_run(lambda: None)
-        n = len(conds)
-        branches = {n + j: kind for j, kind in enumerate(self.kinds)}
+        branches = [Branch(conds[0], kind) for kind in self.kinds]
         measure = self._needs_report
-        if self.registered is None or self._previous is not None:
-            # The layer choice needs the finished conditional pass; a chained calc function owns the
-            # plain conds: branches go in a second call.
-            out = self._base(args, _with_plan(options, self.key, _CallPlan(measure=measure)))
+        if self.registered is None:
+            # The layer choice needs the finished conditional pass: branches go in a second call.
+            out, _ = self.runner.run(args, measure=measure)
             self._finish_measurement(sigma)
             if not self.registered:
                 self._pending = (sigma, x, {})
                 return out
-            extra = comfy.samplers.calc_cond_batch(model, [None] * n + [conds[0]] * len(self.kinds), x, sigma,
-                                                   _with_plan(options, self.key, _CallPlan(branches)))[n:]
+            _, extra = self.runner.run(args, branches, base=False)
         else:
-            res = comfy.samplers.calc_cond_batch(model, list(conds) + [conds[0]] * len(self.kinds), x, sigma,
-                                                 _with_plan(options, self.key, _CallPlan(branches, measure)))
-            out, extra = res[:n], res[n:]
+            out, extra = self.runner.run(args, branches, measure=measure)
             self._finish_measurement(sigma)
         self._pending = (sigma, x, dict(zip(self.kinds, extra)))
         return out
@@ -203,12 +176,11 @@ class EntropyGuidance:
         if self._needs_report is None:
             self._new_run(lambda: None)
         if self._needs_report:
-            comfy.samplers.calc_cond_batch(model, [cond], x, sigma, _with_plan(options, self.key, _CallPlan(measure=True)))
+            self.runner.evaluate(model, [cond], x, sigma, options, measure=True)
             self._finish_measurement(sigma)
         if not self.registered:
             return {}
-        branches = {j: kind for j, kind in enumerate(self.kinds)}
-        extra = comfy.samplers.calc_cond_batch(model, [cond] * len(self.kinds), x, sigma, _with_plan(options, self.key, _CallPlan(branches)))
+        extra = self.runner.evaluate(model, [None], x, sigma, options, [Branch(cond, kind) for kind in self.kinds])[1:]
         return dict(zip(self.kinds, extra))
 
     # registry ---------------------------------------------------------------------------------
@@ -234,12 +206,11 @@ class EntropyGuidance:
     # attention --------------------------------------------------------------------------------
     def _attention(self, layer, layout, call_next, q, k, v, heads, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        plan = options.get(self.key)
+        plan = call_plan(options, self.key)
         if plan is None:
             return call_next(q, k, v, heads, **kwargs)
-        groups = options.get("cond_or_uncond") or [0]
         b = q.shape[0]
-        per = b // len(groups)
+        rows = cond_of_rows(options, b)
         skip_reshape = kwargs.get("skip_reshape", False)
         mask = kwargs.get("mask")
         if q.shape[-2 if skip_reshape else 1] != k.shape[-2 if skip_reshape else 1]:
@@ -251,7 +222,7 @@ class EntropyGuidance:
             return call_next(q, k, v, heads, **kwargs)
         span = map_span(self.attention_map, layout, q.shape[-2 if skip_reshape else 1])
         if plan.measure:
-            cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
+            cond = [i for i, c in enumerate(rows) if c == 0]
             if cond:
                 index = torch.tensor(cond, device=q.device)
                 qc, kc = heads_first(q, heads, skip_reshape).index_select(0, index), heads_first(k, heads, skip_reshape).index_select(0, index)
@@ -263,12 +234,12 @@ class EntropyGuidance:
                 with self._sink_lock:
                     before, count = self._sink.get(layer, (0.0, 0))
                     self._sink[layer] = (before + total, count + e.numel())
-        kinds = [plan.branches.get(c) for c in groups]
-        if not plan.branches or layer not in (self.registered or ()) or not any(kinds):
+        element_kind = [plan.roles.get(c) for c in rows]
+        if layer not in (self.registered or ()) or not any(element_kind):
             return call_next(q, k, v, heads, **kwargs)
-        return self._perturbed(kinds, per, span, call_next, q, k, v, heads, **kwargs)
+        return self._perturbed(element_kind, span, call_next, q, k, v, heads, **kwargs)
 
-    def _perturbed(self, kinds, per, span, call_next, q, k, v, heads, **kwargs):
+    def _perturbed(self, element_kind, span, call_next, q, k, v, heads, **kwargs):
         """The kernel output with the branch elements' map replaced: over the whole map, or (span)
         over the video tokens only, whose text rows then keep the original attention."""
         b = q.shape[0]
@@ -276,7 +247,6 @@ class EntropyGuidance:
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
         mask = kwargs.get("mask")
         options = kwargs["transformer_options"]
-        element_kind = [kinds[i // per] for i in range(b)]
         normal = [i for i in range(b) if element_kind[i] is None]
         if (normal and not calls_kernel(call_next)) or span is not None:
             # Slicing the branch elements out of the kernel call saves their attention, but another
@@ -285,7 +255,9 @@ class EntropyGuidance:
             out = call_next(q, k, v, heads, **kwargs)
         elif normal:
             index = torch.tensor(normal, device=q.device)
-            sub = dict(kwargs, transformer_options=dict(options, cond_or_uncond=[c for c, kind in zip(options["cond_or_uncond"], kinds) if kind is None]))
+            groups = options["cond_or_uncond"]
+            per = b // len(groups)
+            sub = dict(kwargs, transformer_options=dict(options, cond_or_uncond=[c for g, c in enumerate(groups) if element_kind[g * per] is None]))
             if "mask" in kwargs:
                 sub["mask"] = _batch_mask(mask, b, index)
             part = call_next(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index), heads, **sub)

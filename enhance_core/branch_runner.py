@@ -1,0 +1,102 @@
+"""Extra batch elements ("branches") in a sampling step, for the methods that need them: IE-Adapt
+guidance's perturbed-attention branches and editing's source branch.
+
+A branch is one more cond appended to the step's calc_cond_batch call, so ComfyUI's own memory check
+batches it with cond and uncond in one forward when it fits and splits the batch when not. The
+call's plan (per-call transformer_options, under the method's key) gives each cond index a role that
+the method's attention handlers read; a branch may bring its own noisy input (editing's source
+latent), swapped in for its batch elements just before the model runs (APPLY_MODEL wrapper).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from .attention_hooks import apply_model_options
+
+
+@dataclass(frozen=True)
+class Branch:
+    cond: list  # ComfyUI conditioning (a copy of one of the step's conds, or another prompt's)
+    role: object  # what the method's attention handlers see for this element
+    x: torch.Tensor | None = None  # its own input at the step's sigma; None: the step's input
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one calc_cond_batch call asks of a method's attention handlers. Not a dict: ComfyUI's
+    per-call merge of transformer_options copies dicts but passes other values by reference."""
+
+    roles: dict = field(default_factory=dict)  # cond index -> role
+    inputs: dict = field(default_factory=dict)  # cond index -> its own input
+    measure: bool = False
+
+
+def call_plan(transformer_options: dict | None, key: str) -> CallPlan | None:
+    return (transformer_options or {}).get(key)
+
+
+def cond_of_rows(transformer_options: dict, batch: int) -> list[int]:
+    """The cond index of every batch element of a model call (ComfyUI stacks equal chunks per cond)."""
+    groups = transformer_options.get("cond_or_uncond") or [0]
+    per = batch // len(groups)
+    return [groups[i // per] for i in range(batch)]
+
+
+class BranchRunner:
+    """Installs `step(args)` as the clone's calc_cond_batch function; `step` evaluates the step's
+    conds and its branches through `run` (or `evaluate`)."""
+
+    def __init__(self, clone, key: str, step):
+        self.key = key
+        # A calc function set before ours (another node's) evaluates the step's own conds.
+        self.previous = clone.model_options.get("sampler_calc_cond_batch_function")
+        # A closure, not a bound method: ComfyUI copies model_options on every clone.
+        clone.set_model_sampler_calc_cond_batch_function(lambda args: step(args))
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, self._own_inputs)
+
+    def evaluate(self, model, conds, x, sigma, model_options, branches=(), measure=False):
+        """calc_cond_batch over conds + branches with this method's plan; None conds are skipped."""
+        n = len(conds)
+        plan = CallPlan({n + j: b.role for j, b in enumerate(branches)},
+                        {n + j: b.x for j, b in enumerate(branches) if b.x is not None}, measure)
+        options = model_options.copy()
+        options["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: plan})
+        return comfy.samplers.calc_cond_batch(model, list(conds) + [b.cond for b in branches], x, sigma, options)
+
+    def run(self, args, branches=(), measure=False, base=True):
+        """One step's evaluations: its own conds (when `base`) and the branches, in one call where
+        possible. Returns (outputs of the step's conds or None, outputs of the branches)."""
+        conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        n = len(conds)
+        if base and branches and self.previous is None:
+            res = self.evaluate(model, conds, x, sigma, options, branches, measure)
+            return res[:n], res[n:]
+        out = None
+        if base:
+            if self.previous is None:
+                out = self.evaluate(model, conds, x, sigma, options, measure=measure)
+            else:
+                with_plan = options.copy()
+                with_plan["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: CallPlan(measure=measure)})
+                out = self.previous(dict(args, model_options=with_plan))
+        if not branches:
+            return out, []
+        # The step's conds were evaluated on their own (a chained calc function owns them, or the
+        # caller needed them first): the branches go in a second call.
+        return out, self.evaluate(model, [None] * n, x, sigma, options, branches)[n:]
+
+    def _own_inputs(self, executor, x, *args, **kwargs):
+        options = apply_model_options(args, kwargs)
+        plan = call_plan(options, self.key)
+        if plan is not None and plan.inputs:
+            rows = cond_of_rows(options, x.shape[0])
+            x = x.clone()
+            for c, own in plan.inputs.items():
+                index = [i for i, r in enumerate(rows) if r == c]
+                if index:
+                    x[index] = own.to(x).expand(len(index), *own.shape[1:]) if own.shape[0] == 1 else own.to(x)
+        return executor(x, *args, **kwargs)
