@@ -279,6 +279,15 @@ class _Progress:
         self.step(x0)
 
 
+def ddim_inversion_step(predict, x, sigma, sigma_next):
+    """One DDIM inversion step of x from level sigma up to sigma_next; predict(x, level) is the
+    model's clean-latent prediction. The deterministic first-order step run upwards, with the
+    prediction taken at the target level (Euler in ComfyUI's sampling space is DDIM for epsilon and
+    flow models alike). Returns (x at sigma_next, the prediction)."""
+    denoised = predict(x, sigma_next)
+    return x + (x - denoised) * ((sigma_next - sigma) / sigma_next), denoised
+
+
 def _program_sampler(parts, inner, guider=None, sfi=None):
     """A ComfyUI KSAMPLER that runs `parts` in one sampling run, on index ranges into the sigmas it
     is given: ("invert", a, b) DDIM-inverts up sigmas[a..b], ("sample", a, b) runs the chosen
@@ -301,14 +310,11 @@ def _program_sampler(parts, inner, guider=None, sfi=None):
                     sfi.mode = "record"
                 try:
                     for i in range(a, b):
-                        # DDIM inversion: the deterministic first-order step run upwards, with the
-                        # prediction taken at the target level (Euler in ComfyUI's sampling space is
-                        # DDIM for epsilon and flow models alike).
                         nxt = sigmas[i + 1]
-                        denoised = model(x, nxt * s_in, **extra_args)
+                        x_in = x
+                        x, denoised = ddim_inversion_step(lambda z, sigma: model(z, sigma * s_in, **extra_args), x, sigmas[i], nxt)
                         if callback is not None:
-                            callback({"x": x, "i": i, "sigma": nxt, "sigma_hat": nxt, "denoised": denoised})
-                        x = x + (x - denoised) * ((nxt - sigmas[i]) / nxt)
+                            callback({"x": x_in, "i": i, "sigma": nxt, "sigma_hat": nxt, "denoised": denoised})
                 finally:
                     guider.unguided = False
                     if sfi is not None:
