@@ -1,7 +1,8 @@
 """Runs ComfyUI's own main.py as a user would, with the pack installed, and talks to it over HTTP.
 
 Everything lives under a base directory of its own (--base-directory): custom_nodes holds links to
-the pack and to the test-only nodes, models/ links to tiny model files, output/ receives results.
+the pack, to the test-only nodes and to other packs a test installs beside it, models/ links to
+tiny model files, output/ receives results.
 The ComfyUI tree itself (embedded, or COMFYUI_PATH) is never modified.
 """
 
@@ -28,8 +29,10 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: Path, models: dict[str, list[Path]] | None = None, test_nodes: bool = True,
-                 output_dir: Path | None = None):
+                 output_dir: Path | None = None, custom_nodes: dict[str, Path] | None = None):
+        """custom_nodes: other node packs to install beside this one, folder name -> pack directory."""
         self.base = Path(base_dir)
+        self.custom_nodes = custom_nodes or {}
         self.output_dir = Path(output_dir) if output_dir else self.base / "output"
         self.models = models or {}
         self.test_nodes = test_nodes
@@ -55,6 +58,8 @@ class ComfyServer:
         self._link(ROOT, self.base / "custom_nodes" / PACK_NAME)
         if self.test_nodes:
             self._link(ROOT / "tests" / "comfy_test_nodes", self.base / "custom_nodes" / "freevideo_test_nodes")
+        for name, pack in self.custom_nodes.items():
+            self._link(Path(pack).resolve(), self.base / "custom_nodes" / name)
         for folder, files in self.models.items():
             for f in files:
                 self._link(Path(f).resolve(), self.base / "models" / folder / Path(f).name)
