@@ -87,7 +87,7 @@ class BranchRunner:
             return out, []
         # The step's conds were evaluated on their own (a chained calc function owns them, or the
         # caller needed them first): the branches go in a second call.
-        return out, self.evaluate(model, [None] * n, x, sigma, options, branches)[n:]
+        return out, self.evaluate(model, [None] * n, x, sigma, options, branches, measure=measure and not base)[n:]
 
     def _own_inputs(self, executor, x, *args, **kwargs):
         options = apply_model_options(args, kwargs)

@@ -4,10 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .attention_inspector import AttentionInspector
 from .enhance_a_video import EnhanceAVideo
+from .entropy_editing import EntropyEditing
 from .entropy_guidance import EntropyGuidance
 from .evs_sampler import EVSSampler
 
-NODES = [EnhanceAVideo, EVSSampler, EntropyGuidance, AttentionInspector]
+NODES = [EnhanceAVideo, EVSSampler, EntropyGuidance, EntropyEditing, AttentionInspector]
 
 
 class FreeVideoExtension(ComfyExtension):

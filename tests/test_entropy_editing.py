@@ -1,0 +1,125 @@
+"""IE-Adapt video editing through ComfyUI's real patcher and samplers, on tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
+from freevideo.enhance_core.entropy_editing import EntropyEditing, apply_entropy_editing
+from freevideo.enhance_core.models import adapter_for
+from sampling import ksample, text_conditioning, video_latent
+from test_families import FAMILIES, FRAMES, conditioning, load
+
+TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
+
+
+def sample(model, positive=TARGET, cfg=5.0, steps=3, **kw):
+    return ksample(model, video_latent(frames=5), positive, NEG, steps=steps, cfg=cfg, **kw)
+
+
+def test_ratio_zero_is_plain_sampling_and_the_input_model_is_untouched(wan21):
+    before = sample(wan21)
+    assert torch.equal(sample(apply_entropy_editing(wan21, SOURCE, ratio=0.0)), before)
+    edited = sample(apply_entropy_editing(wan21, SOURCE))
+    assert not torch.equal(edited, before)
+    assert torch.equal(sample(wan21), before)
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+def test_equal_prompts_reproduce_the_generated_source(wan21, cfg):
+    """Source prompt = target prompt: the source branch follows the sampler's own trajectory, so the
+    edit is the plain result (up to the float noise of running in a larger batch)."""
+    plain = sample(wan21, positive=SOURCE, cfg=cfg)
+    edited = sample(apply_entropy_editing(wan21, SOURCE, ratio=0.5), positive=SOURCE, cfg=cfg)
+    other = sample(apply_entropy_editing(wan21, SOURCE, ratio=0.5), positive=TARGET, cfg=cfg)
+    gap = float((edited - plain).abs().max())
+    assert gap < 1e-3 * float(plain.abs().max()), gap
+    assert float((other - plain).abs().max()) > 100 * gap  # a different target prompt does edit
+
+
+def _naive_entropy(q, k):
+    """Mean normalised softmax entropy, q, k [B, L, H, D]."""
+    p = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(q.shape[-1]), dim=-1)
+    return float((-(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(p.shape[-1])).mean())
+
+
+def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
+    calls = []
+
+    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+        # Installed after the editing: outermost, it sees the q and k the editing receives.
+        calls.append((layer, list(kwargs["transformer_options"]["cond_or_uncond"]), q.clone(), k.clone(), heads))
+        return call_next(q, k, v, heads, **kwargs)
+    inner = []
+
+    def record_inner(layer, layout, call_next, q, k, v, heads, **kwargs):
+        inner.append((layer, list(kwargs["transformer_options"]["cond_or_uncond"]), q.clone(), k.clone()))
+        return call_next(q, k, v, heads, **kwargs)
+    # A recorder inside the editing needs to be installed before it: on a fresh clone, then edit it.
+    base = wan21.clone()
+    SelfAttentionLayers(base, adapter_for(base), "test_inner", "test").route(range(4), record_inner)
+    editing = EntropyEditing(base, SOURCE, ratio=0.5)
+    model = editing.clone.clone()
+    SelfAttentionLayers(model, adapter_for(model), "test_outer", "test").route(range(4), record)
+    sample(model, steps=1)
+    # First forward: the source alone (conds 2, 3), measured; the choice = the lowest-entropy half.
+    # (ComfyUI orders a call's conds as it likes: rows are found by cond index.)
+    first = [c for c in calls if sorted(c[1]) == [2, 3]][:4]
+
+    def element(call, cond):
+        groups, q = call[1], call[2]
+        per = q.shape[0] // len(groups)
+        return slice(groups.index(cond) * per, (groups.index(cond) + 1) * per)
+    entropies = {}
+    for call in first:
+        layer, _, q, k, heads = call
+        rows = element(call, 2)  # the source's conditional element
+        entropies[layer] = _naive_entropy(q[rows].view(1, q.shape[1], heads, -1), k[rows].view(1, k.shape[1], heads, -1))
+    expected = sorted(sorted(entropies, key=entropies.get)[:2])
+    assert sorted(editing.entropies) == [0, 1, 2, 3]
+    for layer, e in entropies.items():
+        assert editing.entropies[layer] == pytest.approx(e, abs=1e-4)
+    # Second forward: target cond/uncond (0, 1) with source cond/uncond (2, 3) in one batch.
+    joint_outer = [c for c in calls if sorted(c[1]) == [0, 1, 2, 3]]
+    joint_inner = [c for c in inner if sorted(c[1]) == [0, 1, 2, 3]]
+    assert len(joint_outer) == len(joint_inner) == 4
+    for outer, (_, _, q_in, k_in) in zip(joint_outer, joint_inner):
+        layer, _, q, k, _ = outer
+        e = lambda c: element(outer, c)  # noqa: E731
+        if layer in expected:
+            for t, s in ((0, 2), (1, 3)):  # target cond <- source cond, uncond <- uncond
+                assert torch.equal(q_in[e(t)], q[e(s)]) and torch.equal(k_in[e(t)], k[e(s)])
+        else:
+            assert torch.equal(q_in, q) and torch.equal(k_in, k)
+        for s in (2, 3):  # the source elements are never changed
+            assert torch.equal(q_in[e(s)], q[e(s)])
+    # The replacement is visible: past the first block the target's own q differs from the source's.
+    assert any(not torch.equal(c[2][element(c, 0)], c[2][element(c, 2)]) for c in joint_outer)
+    assert editing.run is None  # nothing of the run survives it
+
+
+def test_real_video_source_is_inverted_first(wan21):
+    source = {"samples": sample(wan21, positive=SOURCE)}
+    edited = sample(apply_entropy_editing(wan21, SOURCE, source_latent=source, ratio=0.5))
+    plain = sample(wan21)
+    assert torch.isfinite(edited).all() and not torch.equal(edited, plain)
+
+
+@pytest.mark.parametrize("case,message", [
+    (dict(ratio=1.5), "ratio"),
+    (dict(source_latent={"samples": torch.zeros(1, 16, 8, 8)}), "source_latent"),
+    (dict(start_percent=0.8, end_percent=0.2), "start_percent"),
+])
+def test_bad_input_is_a_clear_error(wan21, case, message):
+    with pytest.raises(ValueError, match=message):
+        apply_entropy_editing(wan21, SOURCE, **case)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
+def test_every_family_edits(fam):
+    model = load(fam)
+    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+    plain = ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
+    edited = ksample(apply_entropy_editing(model, conditioning(fam, 4)), latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
+    assert torch.isfinite(edited).all() and not torch.equal(edited, plain)
