@@ -34,9 +34,16 @@ class AttentionReport:
     exact: bool
     attention_map: str  # "video tokens" or "whole map": what the entropy was measured over
 
+    def lowest(self, ratio: float) -> list:
+        """The layers IE-Adapt editing would choose with this pass as its source: the lowest `ratio`."""
+        ranked = sorted(range(len(self.entropy)), key=lambda i: (self.entropy[i], i))
+        return sorted(ranked[:round(ratio * len(ranked))])
+
     def table(self) -> str:
         lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'} over {self.attention_map}; "
                  f"IE-Adapt top {len(self.top)}: {', '.join(map(str, self.top))}",
+                 f"IE-Adapt editing at ratio 0.5 (this prompt and latent as the source) replaces layers: "
+                 f"{', '.join(map(str, self.lowest(0.5)))}",
                  "layer  entropy  CFI"]
         for i, (e, c) in enumerate(zip(self.entropy, self.cfi)):
             mark = "  <- registered" if i in self.top else ""

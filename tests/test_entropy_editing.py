@@ -123,3 +123,14 @@ def test_every_family_edits(fam):
     plain = ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     edited = ksample(apply_entropy_editing(model, conditioning(fam, 4)), latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     assert torch.isfinite(edited).all() and not torch.equal(edited, plain)
+
+
+def test_inspector_names_the_layers_editing_chooses(wan21):
+    from freevideo.enhance_core.attention_inspector import inspect_attention
+    editing = EntropyEditing(wan21, SOURCE, ratio=0.5)
+    sample(editing.clone, steps=1)
+    sigma = float(wan21.get_model_object("model_sampling").sigma_max)
+    report = inspect_attention(wan21, video_latent(frames=5), SOURCE, sigma)
+    chosen = sorted(sorted(editing.entropies, key=editing.entropies.get)[:2])
+    assert report.lowest(0.5) == chosen
+    assert f"replaces layers: {', '.join(map(str, chosen))}" in report.table()
