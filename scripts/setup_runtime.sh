@@ -70,6 +70,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want|$COMFY" ]; then
     echo "$want|$COMFY" > "$stamp"
 fi
 
+# Headless Chromium for tests/test_browser.py (ComfyUI's own frontend in a real browser), from the
+# system's packages: Playwright's browser download needs a network beyond the package registries.
+# Installed where we run as root with apt-get; elsewhere that test skips and says what is missing.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+        && [ -z "${FREEVIDEO_CHROMIUM:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium (apt-get) for the browser test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install() { apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+    apt_install || { apt-get update -q >/dev/null && apt_install; } \
+        || log "chromium could not be installed: tests/test_browser.py will be skipped"
+fi
+
 cat > "$RUNTIME/env.sh" <<ENVEOF
 export COMFYUI_PATH="$COMFY"
 export FREEVIDEO_PYTHON="$PY"
