@@ -153,6 +153,15 @@ def _follow_deep_clones(model_patcher) -> None:
         model_patcher.add_callback_with_key(event, "freevideo_rehook", _rehook_on_deep_clone)
 
 
+def hook_module(model_patcher, path: str, around) -> None:
+    """Object-patch the module at `path` (relative to the diffusion model) of `model_patcher` with a
+    hooked copy running around(call_original, *args, **kwargs); hooking a path twice stacks, and the
+    copy is re-made on a multi-GPU deep clone's own module."""
+    key = f"diffusion_model.{path}"
+    model_patcher.add_object_patch(key, hooked_copy(model_patcher.get_model_object(key), around))
+    _follow_deep_clones(model_patcher)
+
+
 class _CallState(threading.local):
     """The state of the model call running on this thread."""
     layout = None

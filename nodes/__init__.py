@@ -7,8 +7,9 @@ from .enhance_a_video import EnhanceAVideo
 from .entropy_editing import EntropyEditing
 from .entropy_guidance import EntropyGuidance
 from .evs_sampler import EVSSampler
+from .feature_accumulation import FeatureAccumulation
 
-NODES = [EnhanceAVideo, EVSSampler, EntropyGuidance, EntropyEditing, AttentionInspector]
+NODES = [EnhanceAVideo, EVSSampler, EntropyGuidance, EntropyEditing, AttentionInspector, FeatureAccumulation]
 
 
 class FreeVideoExtension(ComfyExtension):

@@ -31,6 +31,20 @@ class AttentionSite:
 
 
 @dataclass(frozen=True)
+class BlockSite:
+    """One transformer block, numbered as `sites()` numbers its self-attention layers. Paths are
+    relative to the diffusion model; the block's first forward argument is its hidden state, and
+    its output is that state (or a tuple starting with it)."""
+
+    path: str
+    # The module inside the block whose first positional argument is the block's hidden state (plus
+    # any per-block addition such as a position embedding) and whose output is what the block's
+    # self-attention forms q, k, v from; the residual stream does not go through it. None where a
+    # normalisation function, not a module, is applied to the hidden state to form it.
+    attention_input: str | None
+
+
+@dataclass(frozen=True)
 class TokenLayout:
     """Token layout of one model call's self-attention sequence."""
 
@@ -77,11 +91,17 @@ class FamilyAdapter:
     name = ""
     # ComfyUI wrapper type that sees the latent of every model call.
     wrapper_type = "diffusion_model"
+    # Block name of ComfyUI's block-replace points (patches_replace["dit"][(name, i)]) where block i
+    # holds self-attention layer i, so branches can share the blocks before the layer they change.
+    prefix_blocks = None
 
     def matches(self, diffusion_model) -> bool:
         raise NotImplementedError
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
         raise NotImplementedError
 
     def layout(self, wrapped, x, args, kwargs) -> TokenLayout:

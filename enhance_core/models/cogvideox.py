@@ -6,7 +6,7 @@ forward and the shared output projection `attn_out` (before the gates and residu
 only its video tokens are scaled. Patch (patch_size_t or 1, 2, 2); the latent is padded to it.
 """
 
-from . import AttentionSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
 
 
 class CogVideoXAdapter(FamilyAdapter):
@@ -18,6 +18,10 @@ class CogVideoXAdapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}", output=f"blocks.{i}.attn_out")
                 for i in range(len(diffusion_model.blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        # norm1(video, text, temb) normalises both streams for the joint attention; video is its first argument.
+        return [BlockSite(f"blocks.{i}", attention_input=f"blocks.{i}.norm1") for i in range(len(diffusion_model.blocks))]
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         p = diffusion_model.patch_size

@@ -10,7 +10,7 @@ and residual.
   [tokens, batch, channels].
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
 def _spatial_tokens(patch_spatial, x) -> int:
@@ -28,6 +28,9 @@ class CosmosPredict2Adapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}.self_attn", output=f"blocks.{i}.self_attn")
                 for i in range(len(diffusion_model.blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        return [BlockSite(f"blocks.{i}", attention_input=f"blocks.{i}.layer_norm_self_attn") for i in range(len(diffusion_model.blocks))]
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         return TokenLayout(tokens_per_frame=_spatial_tokens(diffusion_model.patch_spatial, x))
@@ -48,6 +51,16 @@ class Cosmos1Adapter(FamilyAdapter):
                     path = f"blocks.{name}.blocks.{j}.block.attn"
                     sites.append(AttentionSite(arm=path, output=path, output_seq_first=True))
         return sites
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        # Each "blockN" holds its building blocks in config order; the full-attention one's norm_state
+        # forms the self-attention input (sequence-first [t, h, w, batch, channels] states).
+        found = []
+        for name, block in diffusion_model.blocks.items():
+            parts = [j for j, part in enumerate(block.blocks) if part.block_type in ("full_attn", "fa")]
+            if parts:
+                found.append(BlockSite(f"blocks.{name}", attention_input=f"blocks.{name}.blocks.{parts[0]}.norm_state"))
+        return found
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         return TokenLayout(tokens_per_frame=_spatial_tokens(diffusion_model.patch_spatial, x))

@@ -15,7 +15,7 @@ guidance) is prepended to the video tokens as more frames.
 
 import inspect
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
 def _video_tokens_first(diffusion_model) -> bool:
@@ -39,6 +39,11 @@ class HunyuanVideoAdapter(FamilyAdapter):
         single = [AttentionSite(arm=f"single_blocks.{i}", output=None)
                   for i in range(len(diffusion_model.single_blocks))]
         return double + single
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        # A single-stream block's pre_norm feeds linear1, which forms q, k, v and the MLP input together.
+        return ([BlockSite(f"double_blocks.{i}", f"double_blocks.{i}.img_norm1") for i in range(len(diffusion_model.double_blocks))]
+                + [BlockSite(f"single_blocks.{i}", f"single_blocks.{i}.pre_norm") for i in range(len(diffusion_model.single_blocks))])
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         pt, ph, pw = diffusion_model.patch_size

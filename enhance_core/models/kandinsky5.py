@@ -7,7 +7,7 @@ and residual. Tokens (t, h, w) with patch (1, 2, 2), the latent padded to it. Th
 blocks' self-attention is not a video layer and is not listed.
 """
 
-from . import AttentionSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
 
 
 class Kandinsky5Adapter(FamilyAdapter):
@@ -19,6 +19,10 @@ class Kandinsky5Adapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"visual_transformer_blocks.{i}.self_attention",
                               output=f"visual_transformer_blocks.{i}.self_attention")
+                for i in range(len(diffusion_model.visual_transformer_blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        return [BlockSite(f"visual_transformer_blocks.{i}", attention_input=f"visual_transformer_blocks.{i}.self_attention_norm")
                 for i in range(len(diffusion_model.visual_transformer_blocks))]
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:

@@ -6,7 +6,7 @@ Guide frames (LTXVAddGuide appends their latents along time) are more video fram
 audio-video model subclasses LTXVModel with a different latent layout and is not covered.
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
 class LTXVAdapter(FamilyAdapter):
@@ -25,6 +25,10 @@ class LTXVAdapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"transformer_blocks.{i}.attn1", output=f"transformer_blocks.{i}.attn1")
                 for i in range(len(diffusion_model.transformer_blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        # attn1's input is an RMS norm function of the hidden state (fused with the modulation in newer ComfyUI).
+        return [BlockSite(f"transformer_blocks.{i}", attention_input=None) for i in range(len(diffusion_model.transformer_blocks))]
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         _, ph, pw = diffusion_model.patchifier.patch_size

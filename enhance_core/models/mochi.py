@@ -8,7 +8,7 @@ Mochi's diffusion model has no DIFFUSION_MODEL wrapper, so the layout comes from
 wrapper (the model_base model and the latent).
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
 class MochiAdapter(FamilyAdapter):
@@ -22,6 +22,10 @@ class MochiAdapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}.attn", output=f"blocks.{i}.attn.proj_x", normalized_in=f"blocks.{i}")
                 for i in range(len(diffusion_model.blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        # The joint attention module takes the raw video stream and normalises it itself.
+        return [BlockSite(f"blocks.{i}", attention_input=f"blocks.{i}.attn") for i in range(len(diffusion_model.blocks))]
 
     def layout(self, model, x, args, kwargs) -> TokenLayout:
         p = model.diffusion_model.patch_size

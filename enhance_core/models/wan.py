@@ -5,11 +5,12 @@ projection `o`, before the block's gate and residual. No text tokens in self-att
 through cross-attention). A reference latent, where a variant adds one, is one more frame in front.
 """
 
-from . import AttentionSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
 class WanAdapter(FamilyAdapter):
     name = "Wan 2.1 / 2.2"
+    prefix_blocks = "double_block"
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.wan.model import WanModel
@@ -18,6 +19,9 @@ class WanAdapter(FamilyAdapter):
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}.self_attn", output=f"blocks.{i}.self_attn")
                 for i in range(len(diffusion_model.blocks))]
+
+    def blocks(self, diffusion_model) -> list[BlockSite]:
+        return [BlockSite(f"blocks.{i}", attention_input=f"blocks.{i}.norm1") for i in range(len(diffusion_model.blocks))]
 
     def layout(self, diffusion_model, x, args, kwargs) -> TokenLayout:
         _, ph, pw = diffusion_model.patch_size

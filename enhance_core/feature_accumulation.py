@@ -1,0 +1,309 @@
+"""Cross-layer feature accumulation (RepVideo, Si et al. 2025, "RepVideo: Rethinking Cross-Layer
+Representation for Video Generation") on a clone of a ComfyUI video model, without training.
+
+The rule of the reference code (CogVideoX-2B): before layer i the hidden state h becomes
+    g_i * mean(cache) + (1 - g_i) * h,
+where the cache holds the outputs of the layers since the last group boundary: after layer i it
+restarts with that layer's output when i % m == 0, else that output is appended (m = 6 there).
+Before layer 0 the cache holds layer 0's own input, so layer 0 and every layer right after a
+restart (1, 7, 13, ...) mix h with itself. The reference learns one g_i per layer (initialised 0.5)
+and fine-tunes the model with it; here the gates are fixed numbers the user chooses.
+
+Modes:
+- "block input": the reference rule; the block's whole input is replaced.
+- "attention input": the mixed state reaches only what the block forms its self-attention's q, k, v
+  from (the family adapter's `attention_input` module, or the RMS norm that LTX-Video applies to its
+  hidden state); the residual stream, the cross-attention and the MLP keep h. Weights that were
+  never tuned for the mix see it in one place per block instead of everywhere downstream.
+
+State: per model call one running sum of the current group's outputs (one hidden state, in the
+model's dtype) and a count, never m stored tensors (a Wan 14B hidden state at 720p is about 0.8 GB);
+it is per thread (multi-GPU work units run model calls concurrently) and dropped when the call ends.
+
+Video tokens only: the reference concatenates CogVideoX's text tokens into the sequence, so its mean
+mixes text too. Here the text tokens of joint-attention blocks (HunyuanVideo's single-stream blocks)
+pass through: HunyuanVideo's double-stream blocks keep text in a stream of its own, so only the video
+tokens have a hidden state at every layer to accumulate, and the text is the prompt's conditioning,
+which the method (consistent video features across layers) is not about.
+
+Hooks: hooked copies of the block modules and of the attention-input modules, installed as object
+patches on the clone (ComfyUI restores them, re-made on multi-GPU deep clones). Not ComfyUI's
+`patches_replace["dit"]` block entries: that is one slot per block, which a later node's
+`set_model_patch_replace` overwrites (the accumulation would silently stop there); Cosmos and
+CogVideoX have no such entry, and Kandinsky 5's passes arguments its blocks do not take; and the
+attention-input mode needs a hook inside the block anyway.
+"""
+
+import inspect
+import logging
+import math
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import comfy.patcher_extension
+
+from .attention_hooks import SigmaWindow, _ranges, hook_module, parse_layer_list
+from .models import adapter_for
+
+log = logging.getLogger(__name__)
+
+MODES = ("attention input", "block input")
+# Our default, not the paper's: its gates were learned together with the weights (starting at 0.5).
+# Weights that never saw the mix get g x (group mean - h) added to each mixed layer's input; 0.1
+# keeps that a small correction.
+DEFAULT_GATE = "0.1"
+DEFAULT_GROUP_SIZE = 6  # the reference's
+# BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...): where
+# transformer_options sits among an APPLY_MODEL wrapper's positional arguments after x.
+_APPLY_MODEL_OPTIONS_ARG = 4
+
+
+def parse_gates(text: str, n_layers: int, selected: list[int]) -> dict[int, float]:
+    """The gate of every selected layer from "0.1" (all layers), one value per model layer, or one
+    value per selected layer ("0.1, 0.1, 0.2")."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts) or not all(parts):
+        raise ValueError(f"gate: '{text}' has an empty value; give one number from 0 to 1 (e.g. '0.1') or a "
+                         "comma-separated list such as '0.1, 0.1, 0.2'")
+    values = []
+    for part in parts:
+        try:
+            g = float(part)
+        except ValueError:
+            raise ValueError(f"gate: cannot read '{part}' as a number; use numbers from 0 to 1 such as '0.1' "
+                             "or '0.1, 0.1, 0.2'") from None
+        if not (math.isfinite(g) and 0.0 <= g <= 1.0):
+            raise ValueError(f"gate: {part} is outside 0-1 (0 = layer unchanged, 1 = replaced by the group mean)")
+        values.append(g)
+    if len(values) == 1:
+        return {layer: values[0] for layer in selected}
+    if len(values) == n_layers:
+        return {layer: values[layer] for layer in selected}
+    if len(values) == len(selected):
+        return dict(zip(selected, values))
+    raise ValueError(f"gate: {len(values)} values given; give one value for every layer, one per model layer "
+                     f"({n_layers}), or one per layer chosen in 'layers' ({len(selected)})")
+
+
+class GroupAccumulator:
+    """The reference's cache as a running sum and a count: `add` after each layer (restart when
+    layer % group_size == 0), `mix` before one."""
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+        self.sum = None
+        self.count = 0
+
+    def add(self, layer: int, out: torch.Tensor) -> None:
+        if layer % self.group_size == 0 or self.sum is None:
+            self.sum = out.clone(memory_format=torch.contiguous_format)
+            self.count = 1
+        else:
+            self.sum.add_(out)
+            self.count += 1
+
+    def mix(self, h: torch.Tensor, gate: float) -> torch.Tensor:
+        """gate * mean + (1 - gate) * h, as one new tensor."""
+        return torch.mul(h, 1.0 - gate).add_(self.sum, alpha=gate / self.count)
+
+
+def plan(selected_gates: dict[int, float], group_size: int) -> tuple[dict[int, float], set[int]]:
+    """(layers that mix -> gate, layers whose output must enter the sum). Layer 0's cache is its
+    own input: it never mixes. A layer's output is needed when a mixing layer after it, in the same
+    group, averages it."""
+    mixing = {i: g for i, g in selected_gates.items() if g > 0 and i > 0}
+    needed = set()
+    for i in mixing:
+        needed.update(range(group_size * ((i - 1) // group_size), i))
+    return mixing, needed
+
+
+class _Call(threading.local):
+    """The state of the model call running on this thread."""
+    active = False
+    layout = None
+    acc = None
+    pending = None  # (block input, mixed video tokens) waiting for the attention-input hook
+
+
+def _norm_function(func) -> bool:
+    return (func is torch.nn.functional.rms_norm or func is torch.nn.functional.layer_norm
+            or getattr(func, "_qualified_op_name", None) in ("comfy_kitchen::rms_adaln", "comfy_kitchen::adaln"))
+
+
+class _RedirectNorm(TorchFunctionMode):
+    """While a block runs: the first normalisation function applied to the block's input tensor
+    (by identity) gets `replacement` instead. For blocks that form their attention input with a
+    function, not a module (LTX-Video); every later call passes through."""
+
+    def __init__(self, h, replacement):
+        super().__init__()
+        self.h, self.replacement = h, replacement
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.h is not None and args and args[0] is self.h and _norm_function(func):
+            args = (self.replacement,) + tuple(args[1:])
+            self.h = self.replacement = None
+        return func(*args, **(kwargs or {}))
+
+
+def _hidden_parameter(block) -> str:
+    """The name of a block's first forward argument, its hidden state (some models pass it by name)."""
+    original = getattr(block, "_freevideo_original", block)  # another node's hooked copy of the block
+    return list(inspect.signature(type(original).forward).parameters)[1]
+
+
+class FeatureAccumulation:
+    """The hooks and per-call state of one node's clone."""
+
+    def __init__(self, model, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,
+                 mode: str = "attention input", layers: str = "all", start_percent: float = 0.0, end_percent: float = 1.0):
+        if mode not in MODES:
+            raise ValueError(f"mode: '{mode}' is not one of: {', '.join(MODES)}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size: {group_size!r} must be a whole number of layers, 1 or more (the reference uses 6)")
+        adapter = adapter_for(model)
+        diffusion_model = model.get_model_object("diffusion_model")
+        self.blocks = adapter.blocks(diffusion_model)
+        selected = parse_layer_list(layers, len(self.blocks), "layers")
+        gates = parse_gates(gate, len(self.blocks), selected)
+        self.window = SigmaWindow(model, start_percent, end_percent)
+        self.adapter, self.mode, self.group_size = adapter, mode, group_size
+        self.mixing, self.needed = plan(gates, group_size)
+        self.clone = model.clone()
+        self.call = _Call()
+        if not self.mixing:
+            return  # every gate 0 (or only layer 0 chosen): a plain clone, bit-identical
+        key = f"freevideo_feature_accumulation_{id(self)}"
+        state = self  # closures, not bound methods: ComfyUI deep-copies model_options on clone
+        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
+                                        lambda executor, *a, **kw: state._model_call(executor, *a, **kw))
+        self.clone.add_wrapper_with_key(adapter.wrapper_type, key + "_layout",
+                                        lambda executor, *a, **kw: state._layout(executor, *a, **kw))
+        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key,
+                                        lambda executor, *a, **kw: state._log_run(executor, *a, **kw))
+        for i in sorted(set(self.mixing) | self.needed):
+            site = self.blocks[i]
+            hidden_name = _hidden_parameter(self.clone.get_model_object(f"diffusion_model.{site.path}"))
+            hook_module(self.clone, site.path, self._block_hook(i, hidden_name, site.attention_input is None))
+            if mode == "attention input" and i in self.mixing and site.attention_input is not None:
+                hook_module(self.clone, site.attention_input, self._attention_input_hook)
+
+    # model call -------------------------------------------------------------------------------
+    def _model_call(self, executor, x, *args, **kwargs):
+        options = kwargs["transformer_options"] if "transformer_options" in kwargs else args[_APPLY_MODEL_OPTIONS_ARG]
+        call = self.call
+        call.active = self.window.contains(options)
+        call.acc = GroupAccumulator(self.group_size)
+        call.pending = None
+        try:
+            return executor(x, *args, **kwargs)
+        finally:
+            call.active, call.acc, call.layout, call.pending = False, None, None, None
+
+    def _layout(self, executor, x, *args, **kwargs):
+        self.call.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
+        return executor(x, *args, **kwargs)
+
+    def _log_run(self, executor, *args, **kwargs):
+        layers = sorted(self.mixing)
+        gates = sorted(set(self.mixing.values()))
+        log.info("Cross-layer feature accumulation (RepVideo, experimental): %s mode, gate %s on layer(s) %s, groups of %d "
+                 "layers; between sigma %.4g and %.4g. Training-free: the paper fine-tuned with learned gates.",
+                 self.mode, gates[0] if len(gates) == 1 else "per layer " + ", ".join(f"{self.mixing[i]:g}" for i in layers),
+                 _ranges(layers), self.group_size, self.window.sigma_start, self.window.sigma_end)
+        return executor(*args, **kwargs)
+
+    # token layout -----------------------------------------------------------------------------
+    def _span(self, t: torch.Tensor):
+        """The video tokens of a hidden state: None (all of it), a (start, stop) pair on dim 1 of a
+        joint [batch, tokens, channels] sequence, or False (no whole frames: not a video call)."""
+        layout = self.call.layout
+        if layout is None or t.ndim != 3:
+            return None  # one stream of video tokens ([B, L, C]) or a 5-D grid (Cosmos)
+        found = layout.video_span(t.shape[1])
+        if found is None:
+            return False
+        start, frames = found
+        stop = start + frames * layout.tokens_per_frame
+        return None if (start, stop) == (0, t.shape[1]) else (start, stop)
+
+    @staticmethod
+    def _video(t, span):
+        return t if span is None else t[:, span[0]:span[1]]
+
+    @staticmethod
+    def _with_video(t, span, video):
+        if span is None:
+            return video
+        out = t.clone()
+        out[:, span[0]:span[1]] = video
+        return out
+
+    # hooks ------------------------------------------------------------------------------------
+    def _block_hook(self, layer: int, hidden_name: str, by_function: bool):
+        gate = self.mixing.get(layer)
+        record = layer in self.needed
+        call = self.call
+
+        def around(forward, *args, **kwargs):
+            if not call.active:
+                return forward(*args, **kwargs)
+            h = args[0] if args else kwargs[hidden_name]
+            span = self._span(h)
+            if span is False:
+                return forward(*args, **kwargs)
+            acc = call.acc
+            if gate is not None and acc.count:
+                mixed = acc.mix(self._video(h, span), gate)
+                if self.mode == "block input":
+                    new = self._with_video(h, span, mixed)
+                    if args:
+                        args = (new,) + args[1:]
+                    else:
+                        kwargs = dict(kwargs, **{hidden_name: new})
+                    out = forward(*args, **kwargs)
+                elif by_function:
+                    with _RedirectNorm(h, self._with_video(h, span, mixed)) as redirect:
+                        out = forward(*args, **kwargs)
+                    if redirect.h is not None:
+                        raise RuntimeError(f"Cross-layer feature accumulation: block {layer} applied no normalisation to "
+                                           "its input where the model adapter expects it (ComfyUI changed the block)")
+                else:
+                    call.pending = (h, span, mixed)
+                    try:
+                        out = forward(*args, **kwargs)
+                    finally:
+                        missed, call.pending = call.pending, None
+                    if missed is not None:
+                        raise RuntimeError(f"Cross-layer feature accumulation: block {layer}'s attention-input module did "
+                                           "not run where the model adapter expects it (ComfyUI changed the block)")
+                del mixed
+            else:
+                out = forward(*args, **kwargs)
+            if record:
+                hidden_out = out if torch.is_tensor(out) else out[0]
+                acc.add(layer, self._video(hidden_out, span))
+            return out
+        return around
+
+    def _attention_input_hook(self, forward, *args, **kwargs):
+        pending, self.call.pending = self.call.pending, None
+        if pending is None:
+            return forward(*args, **kwargs)
+        h, span, mixed = pending
+        a = args[0]
+        new = self._with_video(h, span, mixed)
+        if a is not h:
+            # The block added something to its state first (a per-block position embedding): keep it.
+            new = a + (new - h).to(a.dtype)
+        return forward(new, *args[1:], **kwargs)
+
+
+def apply_feature_accumulation(model, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,
+                               mode: str = "attention input", layers: str = "all", start_percent: float = 0.0,
+                               end_percent: float = 1.0):
+    """A clone of `model` with cross-layer feature accumulation; every gate 0 gives a plain clone."""
+    return FeatureAccumulation(model, gate, group_size, mode, layers, start_percent, end_percent).clone
