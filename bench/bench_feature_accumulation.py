@@ -1,0 +1,100 @@
+"""Cross-layer feature accumulation overhead at the Enhance-A-Video benchmark's size: sampling time
+and peak memory of the plain model and of the node in both modes, on the same Wan-shaped model
+(Wan 2.1 1.3B width: dim 1536, 12 heads, FFN 8960; 4 layers so that some layers average more than
+their own input) sampling 21 latent frames of 30x52 (8190 tokens), CFG 5 (cond and uncond batched).
+
+Each measurement runs in a fresh process (peak memory is per process); the configurations are
+interleaved and rotate their order; the report gives medians and ratios from this one run, and the
+extra peak memory against the size of one hidden state (batch x tokens x dim, float32).
+
+    .runtime/venv/bin/python bench/bench_feature_accumulation.py [--repeats 3] [--layers 4] [--steps 2]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_enhance_a_video import ROOT, PeakRSS, rss_bytes  # noqa: E402
+
+CONFIGS = {"plain": None, "attention input": "attention input", "block input": "block input"}
+
+
+def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int, gate: str) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import in_process
+    in_process.setup()
+    import torch
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import WanModel
+    from freevideo.enhance_core.feature_accumulation import apply_feature_accumulation
+    from sampling import ksample, text_conditioning
+    import tiny_models
+
+    torch.set_num_threads(os.cpu_count())
+    torch.set_flush_denormal(True)  # as the Enhance-A-Video benchmark: CPUs compute denormals slowly, GPUs flush them
+    net = WanModel(model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, text_dim=4096, out_dim=16, num_heads=12,
+                   num_layers=layers, operations=comfy.ops.disable_weight_init)
+    tiny_models.init_weights(net)
+    model = comfy.sd.load_diffusion_model_state_dict(net.state_dict())
+    del net
+    if CONFIGS[config] is not None:
+        model = apply_feature_accumulation(model, gate, 6, CONFIGS[config])
+    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
+    pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
+    ksample(model, {"samples": torch.zeros(1, 16, 2, 8, 8)}, pos, neg, steps=1)  # warm-up, loads the model
+    base = rss_bytes()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        ksample(model, latent, pos, neg, steps=steps, cfg=5.0)
+        seconds = time.perf_counter() - t0
+    return {"config": config, "seconds": seconds, "peak": peak.peak, "base": base}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--height", type=int, default=30)
+    parser.add_argument("--width", type=int, default=52)
+    parser.add_argument("--gate", default="0.1")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    shape = dict(layers=a.layers, steps=a.steps, frames=a.frames, height=a.height, width=a.width, gate=a.gate)
+    if a.child:
+        print(json.dumps(measure(a.child, **shape)))
+        return
+    tokens = a.frames * (a.height // 2) * (a.width // 2)
+    hidden = 2 * tokens * 1536 * 4
+    print(f"Wan-shaped model, dim 1536, {a.layers} layers, latent {a.frames}x{a.height}x{a.width} ({tokens} tokens), "
+          f"{a.steps} steps, CFG 5 (cond+uncond batched), SDPA attention, {os.cpu_count()} CPU threads; gate {a.gate}, "
+          f"groups of 6; one hidden state = {hidden / 2**20:.0f} MiB")
+    names = list(CONFIGS)
+    results = {c: [] for c in names}
+    for r in range(a.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for config in order:
+            cmd = [sys.executable, __file__, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            m = json.loads(out)
+            results[config].append(m)
+            print(f"  run {r + 1} {config:16s} {m['seconds']:7.2f} s  peak {m['peak'] / 2**30:6.3f} GiB", flush=True)
+    med = {c: statistics.median(m["seconds"] for m in ms) for c, ms in results.items()}
+    peak = {c: statistics.median(m["peak"] for m in ms) for c, ms in results.items()}
+    work = {c: statistics.median(m["peak"] - m["base"] for m in ms) for c, ms in results.items()}
+    for c in names[1:]:
+        print(f"{c}: median time {med[c]:.2f} s vs plain {med['plain']:.2f} s, ratio {med[c] / med['plain']:.4f}; "
+              f"median peak RSS ratio {peak[c] / peak['plain']:.4f}, sampling working set "
+              f"{(work[c] - work['plain']) / 2**20:+.0f} MiB vs plain ({(work[c] - work['plain']) / hidden:+.2f} hidden states)")
+
+
+if __name__ == "__main__":
+    main()
