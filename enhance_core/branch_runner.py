@@ -6,6 +6,11 @@ batches it with cond and uncond in one forward when it fits and splits the batch
 call's plan (per-call transformer_options, under the method's key) gives each cond index a role that
 the method's attention handlers read; a branch may bring its own noisy input (editing's source
 latent), swapped in for its batch elements just before the model runs (APPLY_MODEL wrapper).
+
+Shared prefix: a branch that copies one of the step's conds (same input, sigma and prompt) computes
+exactly what that cond computes in every block before the first block it changes. Where the family
+has ComfyUI's block-replace points (`patches_replace["dit"]`), those blocks run without the branch's
+elements and the cond's hidden state is copied into their rows afterwards (SharedPrefix).
 """
 
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ class Branch:
     cond: list  # ComfyUI conditioning (a copy of one of the step's conds, or another prompt's)
     role: object  # what the method's attention handlers see for this element
     x: torch.Tensor | None = None  # its own input at the step's sigma; None: the step's input
+    copy_of: int | None = None  # index of the step's cond it copies exactly (same cond, same input)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class CallPlan:
     roles: dict = field(default_factory=dict)  # cond index -> role
     inputs: dict = field(default_factory=dict)  # cond index -> its own input
     measure: bool = False
+    # (first block that differs, {branch cond index: the cond index it copies}) or None
+    prefix: tuple | None = None
 
 
 def call_plan(transformer_options: dict | None, key: str) -> CallPlan | None:
@@ -58,22 +66,26 @@ class BranchRunner:
         clone.set_model_sampler_calc_cond_batch_function(lambda args: step(args))
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, self._own_inputs)
 
-    def evaluate(self, model, conds, x, sigma, model_options, branches=(), measure=False):
-        """calc_cond_batch over conds + branches with this method's plan; None conds are skipped."""
+    def evaluate(self, model, conds, x, sigma, model_options, branches=(), measure=False, prefix_until=None):
+        """calc_cond_batch over conds + branches with this method's plan; None conds are skipped.
+        prefix_until: the first block the branches change (blocks before it are shared with the cond
+        each branch copies, where SharedPrefix is installed)."""
         n = len(conds)
+        copies = {n + j: b.copy_of for j, b in enumerate(branches) if b.copy_of is not None and conds[b.copy_of] is not None}
         plan = CallPlan({n + j: b.role for j, b in enumerate(branches)},
-                        {n + j: b.x for j, b in enumerate(branches) if b.x is not None}, measure)
+                        {n + j: b.x for j, b in enumerate(branches) if b.x is not None}, measure,
+                        (prefix_until, copies) if prefix_until and copies else None)
         options = model_options.copy()
         options["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: plan})
         return comfy.samplers.calc_cond_batch(model, list(conds) + [b.cond for b in branches], x, sigma, options)
 
-    def run(self, args, branches=(), measure=False, base=True):
+    def run(self, args, branches=(), measure=False, base=True, prefix_until=None):
         """One step's evaluations: its own conds (when `base`) and the branches, in one call where
         possible. Returns (outputs of the step's conds or None, outputs of the branches)."""
         conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
         n = len(conds)
         if base and branches and self.previous is None:
-            res = self.evaluate(model, conds, x, sigma, options, branches, measure)
+            res = self.evaluate(model, conds, x, sigma, options, branches, measure, prefix_until)
             return res[:n], res[n:]
         out = None
         if base:
@@ -100,3 +112,46 @@ class BranchRunner:
                 if index:
                     x[index] = own.to(x).expand(len(index), *own.shape[1:]) if own.shape[0] == 1 else own.to(x)
         return executor(x, *args, **kwargs)
+
+
+class SharedPrefix:
+    """Block-replace patches (ComfyUI's `patches_replace["dit"]`, keyed (block_name, i)) that run the
+    blocks before a call's `prefix` point without the branches that copy a cond, then copy that
+    cond's hidden state into the branches' rows: the same result, without their cost there. A patch
+    already on a block is called inside ours; a node that replaces ours later only loses the saving."""
+
+    def __init__(self, clone, key: str, n_blocks: int, block_name: str):
+        replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for i in range(n_blocks):
+            clone.set_model_patch_replace(self._block(key, i, replaces.get((block_name, i))), "dit", block_name, i)
+
+    @staticmethod
+    def _block(key, i, previous):
+        def run(args, extra):
+            return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+        def replace(args, extra):
+            options = args.get("transformer_options") or {}
+            plan = call_plan(options, key)
+            if plan is None or plan.prefix is None or i >= plan.prefix[0]:
+                return run(args, extra)
+            img = args["img"]
+            b = img.shape[0]
+            rows = cond_of_rows(options, b)
+            # Only where the copied cond is in this forward (ComfyUI splits the batch when memory is short).
+            copies = {branch: source for branch, source in plan.prefix[1].items() if branch in rows and source in rows}
+            if not copies:
+                return run(args, extra)
+            keep = [r for r, c in enumerate(rows) if c not in copies]
+            index = torch.tensor(keep, device=img.device)
+            sub = {name: value.index_select(0, index) if torch.is_tensor(value) and value.ndim and value.shape[0] == b else value
+                   for name, value in args.items()}
+            sub["transformer_options"] = dict(options, cond_or_uncond=[c for c in options["cond_or_uncond"] if c not in copies])
+            out = run(sub, extra)
+            part = out["img"]
+            full = part.new_empty((b,) + tuple(part.shape[1:]))
+            full[index] = part
+            for branch, source in copies.items():
+                full[[r for r, c in enumerate(rows) if c == branch]] = full[[r for r, c in enumerate(rows) if c == source]]
+            return dict(out, img=full)
+        return replace

@@ -39,7 +39,7 @@ import comfy.patcher_extension
 
 from .attention_entropy import attention_entropy, heads_first, mask_4d, restrict_to_tokens
 from .attention_hooks import SelfAttentionLayers, SigmaWindow, calls_kernel, parse_layer_list
-from .branch_runner import Branch, BranchRunner, call_plan, cond_of_rows
+from .branch_runner import Branch, BranchRunner, SharedPrefix, call_plan, cond_of_rows
 from .models import adapter_for
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class EntropyGuidance:
         hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
         state = self
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
+        # The branches copy the conditional element up to the first registered layer: on families
+        # with block-replace points they skip those blocks (see branch_runner.SharedPrefix).
+        self.shares_prefix = adapter.prefix_blocks is not None
+        if self.shares_prefix:
+            SharedPrefix(self.clone, self.key, n_layers, adapter.prefix_blocks)
         self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
                                         lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
@@ -142,7 +147,7 @@ class EntropyGuidance:
             return self.runner.run(args)[0]
         if self._needs_report is None:  # sampled without an OUTER_SAMPLE wrapper call
             self._new_run(lambda: None)
-        branches = [Branch(conds[0], kind) for kind in self.kinds]
+        branches = [Branch(conds[0], kind, copy_of=0) for kind in self.kinds]
         measure = self._needs_report
         if self.registered is None:
             # The layer choice needs the finished conditional pass: branches go in a second call.
@@ -153,7 +158,8 @@ class EntropyGuidance:
                 return out
             _, extra = self.runner.run(args, branches, base=False)
         else:
-            out, extra = self.runner.run(args, branches, measure=measure)
+            first = min(self.registered) if self.shares_prefix and self.registered else None
+            out, extra = self.runner.run(args, branches, measure=measure, prefix_until=first)
             self._finish_measurement(sigma)
         self._pending = (sigma, x, dict(zip(self.kinds, extra)))
         return out

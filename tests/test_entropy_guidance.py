@@ -74,11 +74,13 @@ def high_entropy_at(model, layer):
     return m
 
 
-def test_branches_replace_exactly_the_registered_layer(wan21):
+def test_branches_replace_exactly_the_registered_layer(wan21, monkeypatch):
     """One real step, (uniform, identity) on layer 1: cond, uncond and both branches run as one batch of 4.
     Layer 1 outputs exactly V (identity) and mean(V) (uniform) for the branch elements; every other
     kernel call of every element is plain attention on its own inputs; cond and uncond match an
-    unperturbed run."""
+    unperturbed run. (Blocks shared with the cond are not skipped here, to see every element.)"""
+    from freevideo.enhance_core.models.wan import WanAdapter
+    monkeypatch.setattr(WanAdapter, "prefix_blocks", None)
     guided, calls = recorder(apply_entropy_guidance(wan21, 2.0, layers="1"))
     plain, plain_calls = recorder(wan21)
     ksample(guided, video_latent(), POS, NEG, steps=1, cfg=4.0)
@@ -341,3 +343,33 @@ def test_sampled_estimate_ranks_layers_as_exact_entropy_except_near_ties(fam):
           f"{'same' if top_same else 'different'}, largest error {error:.4f}")
     assert error < 0.02
     assert all(abs(exact[i] - exact[j]) < 2 * error for i, j in swapped), (exact, estimate)
+
+
+@pytest.mark.parametrize("layers", ["2", "1, 3"])
+def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_layer(layers, monkeypatch):
+    """Wan: the branches copy the conditional element up to the first registered layer, so the blocks
+    before it run without them; the guided result equals running the branches through every block."""
+    from freevideo.enhance_core.models.wan import WanAdapter
+    import tiny_models
+    model = tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
+    sizes = []
+
+    def batch_sizes(model_with_guidance):
+        m = model_with_guidance.clone()
+
+        def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+            sizes.append((layer, q.shape[0]))
+            return call_next(q, k, v, heads, **kwargs)
+        SelfAttentionLayers(m, adapter_for(m), "test_sizes", "test").route(range(4), record)
+        return m
+    shared = first_denoised(batch_sizes(apply_entropy_guidance(model, 2.0, layers=layers)), steps=2)
+    shared_sizes, sizes[:] = list(sizes), []
+    monkeypatch.setattr(WanAdapter, "prefix_blocks", None)
+    full = first_denoised(batch_sizes(apply_entropy_guidance(model, 2.0, layers=layers)), steps=2)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    first = int(layers.split(",")[0])
+    # Second step (after the registry step): cond, uncond and two branches = 4 elements, but only
+    # cond and uncond before the first registered layer.
+    joint = [s for s in shared_sizes if s[1] in (2, 4)][-4:]
+    assert joint == [(i, 2 if i < first else 4) for i in range(4)], shared_sizes
+    assert all(size == 4 for _, size in [s for s in sizes if s[1] in (2, 4)][-4:])
