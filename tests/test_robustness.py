@@ -129,7 +129,7 @@ def cond(text):
     return {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": text, "tokens": 8, "dim": WAN_DIM}}
 
 
-def base_nodes(nonce=0, pause=0, raise_inside=False, frames=9, size=64):
+def base_nodes(nonce=0, pause=0, raise_inside=False, frames=9, size=32):
     return {
         "load": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_models.wan21_t2v().name, "weight_dtype": "default"}},
         "probe": {"class_type": "FreeVideoTestProbe", "inputs": {"model": ["load", 0], "nonce": nonce, "pause_at_call": pause,
