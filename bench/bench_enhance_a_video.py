@@ -1,9 +1,12 @@
 """Enhance-A-Video overhead at a realistic token count: sampling time and peak memory with and
-without the node, on a Wan-shaped model (Wan 2.1 1.3B width: dim 1536, 12 heads, FFN 8960; only a
-few layers) sampling 21 latent frames of 30x52 (8190 tokens per frame sequence).
+without the node, and with KJNodes' WanVideoEnhanceAVideoKJ (the peer users compare with), on a
+Wan-shaped model (Wan 2.1 1.3B width: dim 1536, 12 heads, FFN 8960; only a few layers) sampling 21
+latent frames of 30x52 (8190 tokens: 81 frames at 480x832).
 
-Each measurement runs in a fresh process (peak memory is per process); the two configurations are
-interleaved and alternate their order; the report gives medians and ratios from this one run.
+Each measurement runs in a fresh process (peak memory is per process); the configurations are
+interleaved and rotate their order; the report gives medians and ratios from this one run. KJNodes
+comes from FREEVIDEO_PEERS (default ../shared/peers beside the repository); without it that
+configuration is left out, with a message.
 
     .runtime/venv/bin/python bench/bench_enhance_a_video.py [--repeats 3] [--layers 2] [--steps 2]
 """
@@ -19,6 +22,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("FREEVIDEO_PEERS", ROOT.parent / "shared" / "peers"))
+
+
+def kjnodes_enhance():
+    """KJNodes' Enhance-A-Video node class, loaded from the unmodified snapshot, or None."""
+    import importlib.util
+    import tarfile
+    import tempfile
+    tarballs = sorted(PEERS.glob("ComfyUI-KJNodes-*.tar.gz"))
+    if not tarballs:
+        return None
+    dest = Path(tempfile.mkdtemp(prefix="kjnodes-"))
+    with tarfile.open(tarballs[0]) as tf:
+        tf.extractall(dest, filter="data")
+    (source,) = dest.glob("*/nodes/model_optimization_nodes.py")
+    spec = importlib.util.spec_from_file_location("kjnodes_model_optimization", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.WanVideoEnhanceAVideoKJ
 
 
 def rss_bytes() -> int:
@@ -67,9 +89,11 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
     tiny_models.init_weights(net)
     model = comfy.sd.load_diffusion_model_state_dict(net.state_dict())
     del net
+    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
     if config == "enhance":
         model = apply_enhance_a_video(model, weight=4.0)
-    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
+    elif config == "kjnodes":
+        (model,) = kjnodes_enhance()().enhance(model, 4.0, latent)
     pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
     ksample(model, {"samples": torch.zeros(1, 16, 2, 8, 8)}, pos, neg, steps=1)  # warm-up, loads the model
     base = rss_bytes()
@@ -120,9 +144,14 @@ def main():
     tokens = a.frames * (a.height // 2) * (a.width // 2)
     print(f"Wan-shaped model, dim 1536, {a.layers} layers, latent {a.frames}x{a.height}x{a.width} ({tokens} tokens), "
           f"{a.steps} steps, CFG 5 (cond+uncond batched), SDPA attention, {os.cpu_count()} CPU threads")
-    results = {"plain": [], "enhance": []}
+    configs = ["plain", "enhance"]
+    if sorted(PEERS.glob("ComfyUI-KJNodes-*.tar.gz")):
+        configs.append("kjnodes")
+    else:
+        print(f"  KJNodes left out: no ComfyUI-KJNodes-*.tar.gz in {PEERS} (set FREEVIDEO_PEERS)")
+    results = {c: [] for c in configs}
     for r in range(a.repeats):
-        order = ["plain", "enhance"] if r % 2 == 0 else ["enhance", "plain"]
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
         for config in order:
             cmd = [sys.executable, __file__, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -132,14 +161,17 @@ def main():
     med = {c: statistics.median(m["seconds"] for m in ms) for c, ms in results.items()}
     peak = {c: statistics.median(m["peak"] for m in ms) for c, ms in results.items()}
     work = {c: statistics.median(m["peak"] - m["base"] for m in ms) for c, ms in results.items()}
-    print(f"median sampling time: plain {med['plain']:.2f} s, enhance {med['enhance']:.2f} s, "
-          f"ratio {med['enhance'] / med['plain']:.4f} (overhead {100 * (med['enhance'] / med['plain'] - 1):+.2f}%)")
+    for c in configs[1:]:
+        name = {"enhance": "ours", "kjnodes": "KJNodes"}[c]
+        print(f"median sampling time: plain {med['plain']:.2f} s, {name} {med[c]:.2f} s, "
+              f"ratio {med[c] / med['plain']:.4f} (overhead {100 * (med[c] / med['plain'] - 1):+.2f}%)")
     c, k = component_ratio(12, a.frames, a.height, a.width)
     print(f"per layer call: CFI {c * 1000:.0f} ms vs the SDPA kernel on the same q, k, v {k * 1000:.0f} ms "
           f"(ratio {c / k:.4f}; the kernel is only part of a layer)")
-    print(f"median peak RSS: plain {peak['plain'] / 2**30:.3f} GiB, enhance {peak['enhance'] / 2**30:.3f} GiB, "
-          f"ratio {peak['enhance'] / peak['plain']:.4f}; sampling working set (peak - RSS before sampling) "
-          f"ratio {work['enhance'] / work['plain']:.4f}")
+    for c in configs[1:]:
+        print(f"median peak RSS: plain {peak['plain'] / 2**30:.3f} GiB, {c} {peak[c] / 2**30:.3f} GiB, "
+              f"ratio {peak[c] / peak['plain']:.4f}; sampling working set (peak - RSS before sampling) "
+              f"ratio {work[c] / work['plain']:.4f}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ def _take_widgets(spec, values: list, inputs: dict, linked: set, prefix: str) ->
         if key not in linked:
             inputs[key] = value
         options = declared[1] if len(declared) > 1 else {}
-        if options.get("control_after_generate"):
+        # The frontend adds "control after generate" where the input asks for it, and by default
+        # after any integer named seed or noise_seed.
+        control = options.get("control_after_generate")
+        if control if control is not None else (declared[0] == "INT" and name in ("seed", "noise_seed")):
             values.pop(0)
         if declared[0] == DYNAMIC_COMBO:
             chosen = next((o for o in options.get("options", []) if o["key"] == value), None)
