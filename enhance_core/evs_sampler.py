@@ -279,13 +279,31 @@ class _Progress:
         self.step(x0)
 
 
-def ddim_inversion_step(predict, x, sigma, sigma_next):
+def _input_scale(model_sampling, sigma) -> float:
+    """The factor ComfyUI's model sampling scales a latent at level sigma by before the network
+    (calculate_input: 1 / sqrt(sigma^2 + sigma_data^2) for epsilon, v and EDM models, 1 / (sigma + 1)
+    for Cosmos-Predict2's rectified flow, 1 for flow models)."""
+    one = torch.ones(1)
+    return float(model_sampling.calculate_input(torch.full((1,), float(sigma)), one))
+
+
+def ddim_inversion_step(predict, x, sigma, sigma_next, model_sampling=None):
     """One DDIM inversion step of x from level sigma up to sigma_next; predict(x, level) is the
-    model's clean-latent prediction. The deterministic first-order step run upwards, with the
-    prediction taken at the target level (Euler in ComfyUI's sampling space is DDIM for epsilon and
-    flow models alike). Returns (x at sigma_next, the prediction)."""
-    denoised = predict(x, sigma_next)
-    return x + (x - denoised) * ((sigma_next - sigma) / sigma_next), denoised
+    model's clean-latent prediction through ComfyUI's model sampling. Returns (x at sigma_next, the
+    prediction).
+
+    DDIM inversion (as diffusers' DDIMInverseScheduler): the network gets the current latent, at its
+    own level, with the timestep of the next level; its noise estimate then moves the latent up with
+    the deterministic first-order step. ComfyUI scales a model's input for the level it is called at,
+    so the latent is handed over as x * c_in(sigma) / c_in(sigma_next): the network sees
+    c_in(sigma) * x, the latent as it is, and the noise estimate is (handed - prediction) /
+    sigma_next. With model_sampling None nothing is rescaled, which is exact only where c_in is 1
+    (flow models: Wan, HunyuanVideo, LTX-Video, Qwen-Image)."""
+    handed = x
+    if model_sampling is not None:
+        handed = x * (_input_scale(model_sampling, sigma) / _input_scale(model_sampling, sigma_next))
+    denoised = predict(handed, sigma_next)
+    return x + (handed - denoised) * ((sigma_next - sigma) / sigma_next), denoised
 
 
 def _program_sampler(parts, inner, guider=None, sfi=None):
@@ -306,13 +324,15 @@ def _program_sampler(parts, inner, guider=None, sfi=None):
             elif part[0] == "invert":
                 _, a, b = part
                 guider.unguided = True
+                model_sampling = guider.model_patcher.get_model_object("model_sampling")
                 if sfi is not None:
                     sfi.mode = "record"
                 try:
                     for i in range(a, b):
                         nxt = sigmas[i + 1]
                         x_in = x
-                        x, denoised = ddim_inversion_step(lambda z, sigma: model(z, sigma * s_in, **extra_args), x, sigmas[i], nxt)
+                        x, denoised = ddim_inversion_step(lambda z, sigma: model(z, sigma * s_in, **extra_args), x, sigmas[i], nxt,
+                                                          model_sampling)
                         if callback is not None:
                             callback({"x": x_in, "i": i, "sigma": nxt, "sigma_hat": nxt, "denoised": denoised})
                 finally:

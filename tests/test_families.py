@@ -202,13 +202,20 @@ def video_first(q_kernel, text_q):
     return last
 
 
+def tokens_per_frame(fam):
+    """Video tokens per latent frame: spatial patch 2, except LTX-Video and HunyuanVideo 1.5 (patch 1)."""
+    return fam.size ** 2 if fam.id in ("ltxv", "hunyuan_video_15") else (fam.size // 2) ** 2
+
+
 @pytest.fixture
 def hunyuan():
     return BY_ID["hunyuan_video"], load(BY_ID["hunyuan_video"])
 
 
-def test_hunyuan_video_double_block_scales_the_image_projection(hunyuan):
-    fam, model = hunyuan
+@pytest.mark.parametrize("fam_id", ["hunyuan_video", "hunyuan_video_15"])
+def test_hunyuan_video_double_block_scales_the_image_projection(fam_id):
+    fam = BY_ID[fam_id]
+    model = load(fam)
     block = model.get_model_object("diffusion_model").double_blocks[1]
     rec = Recorder(model, block)
     text_qkv, proj_out, text_proj_out = [], [], []
@@ -223,7 +230,7 @@ def test_hunyuan_video_double_block_scales_the_image_projection(hunyuan):
     heads = q.shape[2]
     raw = text_qkv[0]
     text_q = block.txt_attn.norm.query_norm(raw.view(raw.shape[0], raw.shape[1], 3, heads, -1)[:, :, 0])
-    video = FRAMES * (fam.size // 2) ** 2
+    video = FRAMES * tokens_per_frame(fam)
     first = video_first(q, text_q)
     sl = slice(0, video) if first else slice(q.shape[1] - video, None)
     text = slice(video, None) if first else slice(0, q.shape[1] - video)
@@ -314,6 +321,42 @@ def test_cosmos1_scales_its_sequence_first_output_per_batch_element():
     assert want.min() > 1.0 and not torch.equal(want[0], want[1])
     projected = attn.to_out(rearrange(out, "b n s c -> s b (n c)"))
     torch.testing.assert_close(outputs[0], projected * want.view(1, -1, 1), rtol=1e-5, atol=1e-6)
+
+
+# Video self-attention only, output [batch, video tokens, channels] = projection(kernel output):
+# (family, layer 1's attention module, its output projection).
+PROJECTED = [
+    ("wan22_ti2v_5b", "blocks.1.self_attn", "o"),
+    ("ltxv", "transformer_blocks.1.attn1", "to_out"),
+    ("cosmos_predict2", "blocks.1.self_attn", "output_proj"),
+    ("kandinsky5", "visual_transformer_blocks.1.self_attention", "out_layer"),
+]
+
+
+@pytest.mark.parametrize("fam_id,path,projection", PROJECTED, ids=[p[0] for p in PROJECTED])
+def test_scale_multiplies_the_projected_self_attention_output(fam_id, path, projection):
+    """Layer 1 of a real sampling step: the attention module's output (after its projection, before
+    the block's gate and residual) is the projected kernel output times the naive official scale,
+    one per batch element (cond and uncond differ: their input went through block 0's cross-attention)."""
+    fam = BY_ID[fam_id]
+    model = load(fam)
+    attn = model.get_model_object(f"diffusion_model.{path}")
+    rec = Recorder(model, attn)
+    outputs = []
+    rec.hooks(attn.register_forward_hook(lambda m, a, o: outputs.append(o.clone())))
+    try:
+        one_step(fam, apply_enhance_a_video(rec.clone, weight=6.0, layers="1"))
+    finally:
+        rec.remove()
+    q, k, out = the_call(rec)
+    assert q.shape[1] == FRAMES * tokens_per_frame(fam)
+    want = naive_scale(q, k, FRAMES, 6.0)
+    assert want.min() > 1.0 and not torch.equal(want[0], want[1])
+    assert len(outputs) == 1
+    with torch.no_grad():
+        projected = getattr(attn, projection)(out)
+    torch.testing.assert_close(outputs[0], projected * want.view(-1, 1, 1), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs[0], projected, rtol=1e-3, atol=1e-5)
 
 
 def test_cogvideox_scales_only_the_video_part_of_the_joint_projection():
