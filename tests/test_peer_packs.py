@@ -57,11 +57,12 @@ def server(tmp_path_factory):
     gguf_file = models / "tiny_wan21_t2v-Q8_0.gguf"
     types = tiny_gguf.wan_to_gguf(wan, gguf_file)
     assert types.get("Q8_0", 0) >= 4 * 10, types  # every block matrix is quantized
-    # Each combination with a KJ node samples its own copy of the model (a link under another name
-    # is another model to ComfyUI): one graph that leaves the loaded model changed cannot spoil the
-    # next ones, and the test names the graph that did.
+    # Each combination with a KJ node, and each KJ node alone, samples its own copy of the model (a
+    # link under another name is another model to ComfyUI): one graph that leaves the loaded model
+    # changed cannot spoil the next ones, and the test names the graph that did. The model itself
+    # only ever runs plain or with our nodes alone (the references).
     files = [wan, gguf_file]
-    for i in range(len(KJ_CASES)):
+    for i in range(len(KJ_CASES) + len(NEIGHBOURS)):
         for original in (wan, gguf_file):
             files.append(models / f"{original.stem}-copy{i}{original.suffix}")
             files[-1].symlink_to(original)
@@ -325,8 +326,12 @@ KJ_CASES = [(kj, ours, order) for kj, n in NEIGHBOURS.items() for ours in OURS
 
 
 def _failure(e: RuntimeError) -> str:
-    m = re.search(r'"exception_message": "(.*?)",', str(e))
-    return m.group(1).replace("\\n", " ").strip() if m else str(e)[:800]
+    """'ExceptionType: message' from a failed prompt's error report."""
+    kind = re.search(r'"exception_type": "(.*?)"', str(e))
+    message = re.search(r'"exception_message": "(.*?)"', str(e))
+    if not message:
+        return str(e)[:800]
+    return f"{kind.group(1) + ': ' if kind else ''}{message.group(1)}".replace("\\n", " ").strip()
 
 
 @pytest.mark.parametrize("kj,ours,order", KJ_CASES, ids=["-".join(c) for c in KJ_CASES])
@@ -334,27 +339,39 @@ def test_kj_patch_and_ours_both_take_effect(server, kj, ours, order):
     n, patch = NEIGHBOURS[kj], OURS[ours]
     base, copy = BASE_LOADER[n.loader], KJ_CASES.index((kj, ours, order))
 
-    def kj_graph(copy=None):
+    kj_copy = len(KJ_CASES) + list(NEIGHBOURS).index(kj)
+
+    def kj_graph(copy):
         g = Graph(server, n.loader, copy)
         return n.patch(g) if n.patch else g
 
-    try:
-        kj_only = run(server, f"kj/{kj}", kj_graph, n.cfg)
-    except RuntimeError as e:
-        pytest.skip(f"{kj} alone fails in this installation, with no node of ours in the graph: {_failure(e)}")
     plain_ = plain(server, base, n.cfg)
     ours_only = run(server, f"{ours}/{base}", lambda: patch(Graph(server, base)), n.cfg)
+    try:
+        kj_only = run(server, f"kj/{kj}", lambda: kj_graph(kj_copy), n.cfg)
+    except RuntimeError as e:
+        pytest.skip(f"{kj} alone fails in this installation, with no node of ours in the graph: {_failure(e)}")
+    # Our node built and sampled on that copy after the KJ node alone ran there.
+    ours_after_kj = run(server, f"{ours}/after kj/{kj}", lambda: patch(untouched_clone(Graph(server, base, kj_copy))), n.cfg)
     # The combination, on this case's own copy of the model.
     if order == "kj_first":
-        both = patch(kj_graph(copy)).sample(n.cfg)
+        combined = patch(kj_graph(copy))
     else:
-        g = patch(Graph(server, n.loader, copy))
-        both = (n.patch(g) if n.patch else g).sample(n.cfg)
+        combined = patch(Graph(server, n.loader, copy))
+        combined = n.patch(combined) if n.patch else combined
     # Then, on the same copy: our node built and sampled after the combination ran (ComfyUI keeps
     # that clone's patches applied to the shared model until another clone loads), and the model
     # itself.
-    ours_after = patch(untouched_clone(Graph(server, base, copy))).sample(n.cfg)
-    plain_after = untouched_clone(Graph(server, base, copy)).sample(n.cfg)
+    graphs = {"with both": combined, "ours built afterwards": patch(untouched_clone(Graph(server, base, copy))),
+              "the plain model afterwards": untouched_clone(Graph(server, base, copy))}
+    out, errors = {}, []
+    for what, g in graphs.items():
+        try:
+            out[what] = g.sample(n.cfg)
+        except RuntimeError as e:
+            errors.append(f"sampling {what} failed: {_failure(e)}")
+    assert not errors, f"{kj} x {ours} ({order}): " + "; ".join(errors)
+    both, ours_after, plain_after = out.values()
 
     ours_alone, kj_alone = diff(ours_only, plain_), diff(kj_only, plain_)
     ours_effect, kj_effect = diff(both, kj_only), diff(both, ours_only)
@@ -379,6 +396,9 @@ def test_kj_patch_and_ours_both_take_effect(server, kj, ours, order):
             problems.append(f"{kj}'s effect is gone with {ours} in the graph")
         if ours_effect < 0.25 * ours_alone:
             problems.append(f"{ours}'s effect is gone with {kj} in the graph")
+    if not torch.allclose(ours_after_kj, ours_only, rtol=0, atol=1e-5):
+        problems.append(f"{ours} built after {kj} alone ran on the model does not give what it gives alone "
+                        f"(off by {diff(ours_after_kj, ours_only):.2e})")
     if not torch.allclose(ours_after, ours_only, rtol=0, atol=1e-5):
         problems.append(f"{ours} built after this graph ran does not give what it gives alone")
     if not torch.equal(plain_after, plain_):
