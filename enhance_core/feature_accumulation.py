@@ -95,6 +95,7 @@ class GroupAccumulator:
         self.group_size = group_size
         self.sum = None
         self.count = 0
+        self.last = None  # (layer, its output): a reference, only to follow a change of batch rows
 
     def add(self, layer: int, out: torch.Tensor) -> None:
         if layer % self.group_size == 0 or self.sum is None:
@@ -103,6 +104,21 @@ class GroupAccumulator:
         else:
             self.sum.add_(out)
             self.count += 1
+        self.last = (layer, out)
+
+    def follow_rows(self, layer: int, h: torch.Tensor) -> bool:
+        """A block input with other batch rows than the sum: the blocks before ran on fewer rows
+        and their results were copied into the rest (guidance branches that copy a cond, run by a
+        shared-prefix block patch). Give every row of h the sum of the previous output's row it
+        equals; False (and the sum dropped) where that cannot be told."""
+        if self.last is not None and self.last[0] == layer - 1 and h.shape[1:] == self.last[1].shape[1:]:
+            last = self.last[1]
+            rows = [next((j for j in range(last.shape[0]) if torch.equal(h[r], last[j])), None) for r in range(h.shape[0])]
+            if None not in rows:
+                self.sum = self.sum[rows]
+                return True
+        self.sum, self.count, self.last = None, 0, None
+        return False
 
     def mix(self, h: torch.Tensor, gate: float) -> torch.Tensor:
         """gate * mean + (1 - gate) * h, as one new tensor."""
@@ -174,6 +190,7 @@ class FeatureAccumulation:
         self.mixing, self.needed = plan(gates, group_size)
         self.clone = model.clone()
         self.call = _Call()
+        self._warned = False
         if not self.mixing:
             return  # every gate 0 (or only layer 0 chosen): a plain clone, bit-identical
         key = f"freevideo_feature_accumulation_{id(self)}"
@@ -256,6 +273,8 @@ class FeatureAccumulation:
             if span is False:
                 return forward(*args, **kwargs)
             acc = call.acc
+            if acc.sum is not None and acc.sum.shape != self._video(h, span).shape and not acc.follow_rows(layer, self._video(h, span)):
+                self._warn_rows(layer)
             if gate is not None and acc.count:
                 mixed = acc.mix(self._video(h, span), gate)
                 if self.mode == "block input":
@@ -288,6 +307,12 @@ class FeatureAccumulation:
                 acc.add(layer, self._video(hidden_out, span))
             return out
         return around
+
+    def _warn_rows(self, layer):
+        if not self._warned:
+            self._warned = True
+            log.warning("Cross-layer feature accumulation: the batch changed inside a model call before block %d "
+                        "(another node runs some blocks on part of the batch); the running mean restarts there", layer)
 
     def _attention_input_hook(self, forward, *args, **kwargs):
         pending, self.call.pending = self.call.pending, None

@@ -104,6 +104,19 @@ def test_only_one_running_sum_is_held():
     assert acc.sum is not outs[6]  # its own buffer: the model may change its output in place
 
 
+def test_sum_follows_batch_rows_copied_between_blocks():
+    """Guidance branches that copy a cond may skip the first blocks and get the cond's hidden state
+    copied in (IE-Adapt's shared prefix): their rows get the cond's running sum."""
+    acc = GroupAccumulator(6)
+    outs = [torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    acc.add(0, outs[0])
+    acc.add(1, outs[1])
+    h = torch.cat([outs[1], outs[1][:1]])  # rows: cond, uncond, a branch copying cond
+    assert acc.follow_rows(2, h)
+    torch.testing.assert_close(acc.sum, (outs[0] + outs[1])[[0, 1, 0]])
+    assert not acc.follow_rows(2, torch.randn(3, 3, 4)) and acc.sum is None  # cannot tell: restart
+
+
 # --- every family ------------------------------------------------------------------------------
 
 # Block lists to lengthen (tiny models have 2 blocks, where the rule has nothing to average): the
