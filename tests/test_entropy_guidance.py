@@ -74,6 +74,44 @@ def high_entropy_at(model, layer):
     return m
 
 
+def naive_uniform(v, n_queries, mask=None):
+    """The uniform map's output, one query and one key at a time: every query gets the mean of the
+    values of the keys its mask row allows; an additive mask weights key j by exp(mask_j) / sum exp."""
+    import math
+    b, h, lk, d = v.shape
+    out = torch.zeros(b, h, n_queries, d, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n_queries):
+                if mask is None:
+                    w = [1.0] * lk
+                else:
+                    m = {2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim]  # [Lq, Lk], [B, Lq, Lk], 4-D
+                    row = m[bi if m.shape[0] > 1 else 0, hi if m.shape[1] > 1 else 0, i if m.shape[2] > 1 else 0]
+                    w = [float(bool(x)) for x in row] if mask.dtype == torch.bool else \
+                        [math.exp(float(x)) if float(x) > -1e30 else 0.0 for x in row]
+                total = sum(w)
+                for j in range(lk):
+                    out[bi, hi, i] += w[j] / total * v[bi, hi, j].double()
+    return out.float()
+
+
+def test_uniform_branch_is_the_masked_mean_of_v():
+    from freevideo.enhance_core.entropy_guidance import replaced_attention
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(2, 2, 6, 3, generator=g)
+    keep = torch.rand(2, 5, 6, generator=g) > 0.4
+    keep[..., 2] = True  # every row keeps a key
+    additive = torch.randn(2, 1, 5, 6, generator=g).masked_fill(~keep.unsqueeze(1), float("-inf"))
+    padding = torch.zeros(2, 1, 1, 6)
+    padding[1, ..., 4:] = -torch.finfo(torch.float32).max  # padded keys of the second element
+    for mask in (None, keep, additive, padding, keep[0]):
+        torch.testing.assert_close(replaced_attention("uniform", v, 5, mask), naive_uniform(v, 5, mask), rtol=1e-5, atol=1e-6)
+    plain = replaced_attention("uniform", v, 5)
+    torch.testing.assert_close(plain[:, :, 3], v.mean(dim=2), rtol=1e-6, atol=1e-6)
+    assert torch.equal(replaced_attention("identity", v, 6), v)
+
+
 def test_branches_replace_exactly_the_registered_layer(wan21, monkeypatch):
     """One real step, (uniform, identity) on layer 1: cond, uncond and both branches run as one batch of 4.
     Layer 1 outputs exactly V (identity) and mean(V) (uniform) for the branch elements; every other
