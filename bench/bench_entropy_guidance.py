@@ -82,10 +82,15 @@ def run(model, steps, cfg, positive, negative, calls=None, frames=FRAMES):
     return durations, [calls[a:b] for a, b in zip(marks, marks[1:])]
 
 
-def step_ratios(base, rounds, steps, positive, negative):
+def step_ratios(base, rounds, steps, positive, negative, layer):
+    """Ours at a fixed layer (each pair) against ComfyUI's SkipLayerGuidanceDiT skipping the same
+    layer (one extra forward per step over the whole window), in one interleaved run."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
     configs = {"plain CFG": base}
     for pos, neg in PAIRS:
-        configs[f"{pos}/{neg}"] = apply_entropy_guidance(base, 1.0, pos, neg)
+        configs[f"{pos}/{neg}"] = apply_entropy_guidance(base, 1.0, pos, neg, layers=str(layer))
+    configs["ComfyUI SLG-DiT"] = SkipLayerGuidanceDiT.execute(base, 3.0, 0.0, 1.0, double_layers=str(layer),
+                                                              single_layers="").result[0]
     counted = {name: count_model_calls(m) for name, m in configs.items()}
     times = {name: [] for name in configs}
     elements = {}
@@ -101,7 +106,8 @@ def step_ratios(base, rounds, steps, positive, negative):
             print(f"  round {r} {name:18s} steps {['%.2f' % d for d in durations]} s; model call batch sizes per step "
                   f"{per_steps}", flush=True)
     plain = statistics.median(times["plain CFG"])
-    print("\nPer step (median of steady-state steps):")
+    print(f"\nPer step (median of steady-state steps), guidance at layer {layer} of {LAYERS}; with shared prefixes "
+          f"(Wan) a branch costs about ({LAYERS} - {layer}) / {LAYERS} = {(LAYERS - layer) / LAYERS:.2f} of an element:")
     print(f"  {'config':18s} {'s/step':>7s} {'ratio':>6s} {'goal':>5s} {'ratio/goal':>10s}")
     for name in names:
         t = statistics.median(times[name])
@@ -158,13 +164,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layer", type=int, default=LAYERS - 2, help="the guided (and skipped) layer")
     opts = parser.parse_args()
     torch.set_grad_enabled(False)
+    torch.set_flush_denormal(True)  # random weights: denormals would make some configurations look slower
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {DIM} ({DIM // 128} heads x 128), {LAYERS} layers, "
           f"ffn {FFN}; latent {FRAMES}x{HEIGHT}x{WIDTH} -> {FRAMES * HEIGHT * WIDTH // 4} tokens; 512 text tokens", flush=True)
     base = bench_model()
     positive, negative = text_conditioning(tokens=512, seed=1), text_conditioning(tokens=512, seed=2)
-    step_ratios(base, opts.rounds, opts.steps, positive, negative)
+    step_ratios(base, opts.rounds, opts.steps, positive, negative, opts.layer)
     registry_cost(base, positive, reps=2)
     layer_cost(reps=2)
 

@@ -11,9 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".runtime" / "ComfyUI"))
 
 
-def setup(cpu: bool = True):
+def setup(cpu: bool | None = None):
     """Idempotent; must run before anything imports comfy.model_management. cpu=False leaves the
-    device choice to ComfyUI (GPU scripts)."""
+    device choice to ComfyUI (GPU scripts); None reads FREEVIDEO_DEVICE ("gpu" for ComfyUI's choice,
+    default "cpu")."""
+    if cpu is None:
+        cpu = os.environ.get("FREEVIDEO_DEVICE", "cpu") != "gpu"
     if "freevideo" in sys.modules:
         return sys.modules["freevideo"]
     if not (COMFY / "comfy").is_dir():
