@@ -1,0 +1,319 @@
+"""Trains the demo's two tiny models on procedural clips (scripts/demo_clips.py), on the CPU:
+
+1. a video VAE of Wan 2.1's family (ComfyUI's own `WanVAE` class, base width 8: what ComfyUI's VAE
+   loader infers from `decoder.head.0.gamma`; 16 latent channels, 8x spatial and 4x causal temporal
+   compression: a 17x64x64 clip is a 5x8x8 latent);
+2. a text-to-video Wan 2.1 `WanModel` (width 128, so 1 head of 128 as ComfyUI's loader infers,
+   6 blocks, FFN 384), trained on that VAE's latents with Wan's flow-matching objective, in
+   ComfyUI's terms (comfy/model_sampling.py, ModelSamplingDiscreteFlow + CONST, multiplier 1000):
+   x_t = (1 - sigma) x0 + sigma noise, timestep = 1000 sigma, the model predicts noise - x0, and
+   x0 is the VAE latent after ComfyUI's Wan21 latent format `process_in` ((z - mean) / std).
+
+The VAE's encoder output is affinely recalibrated after training (folded into its 1x1 `conv1`,
+inverted in the decoder's 1x1 `conv2`, so decoding is unchanged) so that `process_in` of its
+latents has zero mean and unit variance per channel, as a real Wan VAE's latents roughly do.
+
+Conditioning: 6 text tokens, the pack's test node embeddings of the colour, shape and direction
+labels (see demo_clips.py); each label is dropped to "" with probability 0.15 for classifier-free
+guidance. 15% of the DiT batches are single latent frames (a clip's first frame alone, as the
+causal VAE encodes it), so the same model also works frame-wise as an image model (EVS demo).
+
+Deterministic: fixed step counts, seeded data and noise, torch.set_num_threads(--threads) (default
+1: this runs on a shared 2-core machine; float results depend on the thread count). Writes
+demo_models/freevideo_demo_wan21_vae.safetensors, freevideo_demo_wan21_t2v.safetensors (fp16, real
+key names, loaded by ComfyUI's VAELoader / UNETLoader) and training_log.json.
+
+    source .runtime/env.sh && $FREEVIDEO_PYTHON scripts/train_demo_models.py            # ~30 min
+    $FREEVIDEO_PYTHON scripts/train_demo_models.py --smoke --out /tmp/x                   # seconds
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+
+import demo_clips  # noqa: E402
+
+VAE_FILE = "freevideo_demo_wan21_vae.safetensors"
+DIT_FILE = "freevideo_demo_wan21_t2v.safetensors"
+VAE_CONFIG = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0)
+DIT_CONFIG = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=384, freq_dim=256,
+                  text_dim=demo_clips.TEXT_DIM, out_dim=16, num_heads=1, num_layers=6)
+LABEL_DROP = 0.15
+IMAGE_BATCHES = 0.15
+
+
+def log(msg):
+    print(f"[train] {msg}", flush=True)
+
+
+# --- initialisation (ComfyUI builds modules without initialising them) -------------------------
+
+def init_module(module: torch.nn.Module, zero_out: tuple = ()) -> None:
+    """PyTorch's default init for linear and conv layers, ones for norm scales, zeros for biases,
+    Wan's N(0, 1/dim) for modulation vectors; parameters whose name ends with one of `zero_out`
+    start at zero (output projections: each block starts as the identity). Fails if any parameter
+    is left uninitialised."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float("nan"))
+        for m in module.modules():
+            for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d):
+                if isinstance(m, base):
+                    base.reset_parameters(m)
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or type(m).__name__ in ("RMSNorm", "RMS_norm"):
+                for name, p in m.named_parameters(recurse=False):
+                    p.fill_(0.0 if name == "bias" else 1.0)
+        for name, p in module.named_parameters():
+            if name.endswith("modulation"):
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+            if any(name.endswith(z) for z in zero_out):
+                p.zero_()
+        bad = [n for n, p in module.named_parameters() if torch.isnan(p).any()]
+        if bad:
+            raise RuntimeError(f"uninitialised parameters: {bad[:5]}")
+
+
+def build_vae():
+    from comfy.ldm.wan.vae import WanVAE
+    vae = WanVAE(**VAE_CONFIG)
+    init_module(vae)
+    return vae
+
+
+def build_dit():
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    dit = WanModel(**DIT_CONFIG, operations=comfy.ops.disable_weight_init)
+    init_module(dit, zero_out=("self_attn.o.weight", "cross_attn.o.weight", "ffn.2.weight", "head.head.weight"))
+    return dit
+
+
+def wan21_latent_stats():
+    """Wan 2.1's latent mean and std, from ComfyUI's own latent format (what process_in uses)."""
+    import comfy.latent_formats
+    fmt = comfy.latent_formats.Wan21()
+    return fmt.latents_mean.flatten(), fmt.latents_std.flatten()
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def clip_batch(seeds: list[int], frames: int, g: torch.Generator) -> torch.Tensor:
+    """Clips in [-1, 1], [B, 3, frames, H, W]: random labels, windows of `frames` frames."""
+    out = []
+    combos = demo_clips.all_labels()
+    for seed in seeds:
+        labels = combos[int(torch.randint(len(combos), (1,), generator=g))]
+        video = demo_clips.render_clip(*labels, seed=seed)["video"]
+        start = int(torch.randint(demo_clips.FRAMES - frames + 1, (1,), generator=g))
+        out.append(video[:, start:start + frames])
+    return torch.stack(out) * 2 - 1
+
+
+# --- VAE --------------------------------------------------------------------------------------
+
+def train_vae(vae, steps: int, g: torch.Generator, lr: float = 2e-3):
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    history, running = [], []
+    started = time.time()
+    for step in range(steps):
+        frac = step / max(1, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        frames, batch = (5, 2) if step % 3 else (9, 1)
+        x = clip_batch([10_000_000 + step * 4 + i for i in range(batch)], frames, g)
+        mu = vae.encode(x)
+        # a little latent noise: the decoder must tolerate the DiT's imperfect latents
+        z = mu + 0.05 * mu.detach().std() * torch.randn(mu.shape, generator=g)
+        y = vae.decode(z)
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-4 * mu.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": round(time.time() - started, 1)})
+            log(f"vae step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - started:.0f} s)")
+            running = []
+    return history
+
+
+@torch.no_grad()
+def encode_clips(vae, count: int, batch: int = 8):
+    """The data set: clip i has labels clip_labels(i) and seed i. Returns raw latents and labels."""
+    latents, labels = [], []
+    for first in range(0, count, batch):
+        idx = list(range(first, min(count, first + batch)))
+        labs = [demo_clips.clip_labels(i) for i in idx]
+        x = torch.stack([demo_clips.render_clip(*lab, seed=i)["video"] for lab, i in zip(labs, idx)]) * 2 - 1
+        latents.append(vae.encode(x))
+        labels += labs
+    return torch.cat(latents), labels
+
+
+@torch.no_grad()
+def recalibrate_vae(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Fold an affine map into the encoder's 1x1 conv1 (mu rows) and its inverse into the decoder's
+    1x1 conv2, so that (z - wan_mean) / wan_std of the new latents z has zero mean and unit variance
+    per channel. Returns the recalibrated latents."""
+    mean, std = wan21_latent_stats()
+    m = latents.mean(dim=(0, 2, 3, 4))
+    s = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    a, b = std / s, mean - std / s * m  # z_new = a z + b
+    z = vae.z_dim
+    vae.conv1.weight[:z] *= a.view(-1, 1, 1, 1, 1)
+    vae.conv1.bias[:z] = vae.conv1.bias[:z] * a + b
+    w = vae.conv2.weight[:, :, 0, 0, 0]  # [out, in]: conv2(z_old) = w z_old + c, z_old = (z_new - b) / a
+    vae.conv2.bias -= w @ (b / a)
+    vae.conv2.weight /= a.view(1, -1, 1, 1, 1)
+    return latents * a.view(1, -1, 1, 1, 1) + b.view(1, -1, 1, 1, 1)
+
+
+@torch.no_grad()
+def vae_psnr(vae, seeds: list[int]) -> float:
+    combos = demo_clips.all_labels()
+    x = torch.stack([demo_clips.render_clip(*combos[s % len(combos)], seed=s)["video"] for s in seeds]) * 2 - 1
+    y = vae.decode(vae.encode(x)).clamp(-1, 1)
+    mse = ((y - x) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / mse)
+
+
+# --- DiT --------------------------------------------------------------------------------------
+
+def contexts(labels: list[tuple[str, str, str]], g: torch.Generator, drop: float) -> torch.Tensor:
+    out = []
+    for colour, shape, direction in labels:
+        slots = [lab if torch.rand((), generator=g).item() >= drop else "" for lab in (colour, shape, direction)]
+        out.append(demo_clips.text_embedding(*slots))
+    return torch.cat(out)
+
+
+def sample_sigmas(batch: int, g: torch.Generator) -> torch.Tensor:
+    """70% logit-normal (SD3 / Wan style), 30% uniform, in (0, 1)."""
+    logit = torch.sigmoid(torch.randn(batch, generator=g))
+    uniform = torch.rand(batch, generator=g)
+    pick = torch.rand(batch, generator=g) < 0.7
+    return torch.where(pick, logit, uniform).clamp(1e-3, 1 - 1e-3)
+
+
+def flow_loss(dit, x0, context, sigma, noise):
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    pred = dit(x_t, sigma * 1000, context)
+    return F.mse_loss(pred, noise - x0)
+
+
+def train_dit(dit, data: torch.Tensor, labels, steps: int, batch: int, g: torch.Generator, lr: float = 1e-3,
+              ema_decay: float = 0.995):
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    history, running = [], []
+    started = time.time()
+    for step in range(steps):
+        frac = step / max(1, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(len(data), (batch,), generator=g)
+        x0 = data[idx]
+        if torch.rand((), generator=g).item() < IMAGE_BATCHES:
+            x0 = x0[:, :, :1]  # a clip's first frame alone: the image-model use
+        context = contexts([labels[i] for i in idx.tolist()], g, LABEL_DROP)
+        loss = flow_loss(dit, x0, context, sample_sigmas(batch, g), torch.randn(x0.shape, generator=g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (step + 1) / (step + 10))
+            for k, v in dit.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": round(time.time() - started, 1)})
+            log(f"dit step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - started:.0f} s)")
+            running = []
+    dit.load_state_dict(ema)
+    return history
+
+
+@torch.no_grad()
+def dit_eval_loss(dit, data, labels, g: torch.Generator) -> float:
+    """Flow loss of the (EMA) model on held-out latents, sigmas on a fixed grid, full conditioning."""
+    sig = torch.linspace(0.05, 0.95, len(data))
+    loss = flow_loss(dit, data, contexts(labels, g, 0.0), sig, torch.randn(data.shape, generator=g))
+    return loss.item()
+
+
+def save(module, path: Path, dtype=torch.float16):
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "demo_models")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it; default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=220)
+    p.add_argument("--clips", type=int, default=288, help="clips in the DiT's data set (6 per label combination)")
+    p.add_argument("--dit-steps", type=int, default=400)
+    p.add_argument("--dit-batch", type=int, default=16)
+    p.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vae_steps, args.clips, args.dit_steps, args.dit_batch = 1, 2, 2, 2
+
+    import in_process
+    in_process.setup()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    started = time.time()
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "torch": torch.__version__, "vae_config": VAE_CONFIG,
+              "dit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in DIT_CONFIG.items()}}
+
+    vae = build_vae()
+    report["vae_history"] = train_vae(vae, args.vae_steps, g)
+    report["vae_seconds"] = round(time.time() - started, 1)
+    vae.eval()
+    t0 = time.time()
+    raw, labels = encode_clips(vae, args.clips)
+    data = recalibrate_vae(vae, raw)
+    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
+    held_out = [args.clips + 1000 + i for i in range(len(held_labels))]
+    report["vae_psnr_db"] = round(vae_psnr(vae, held_out), 2)
+    mean, std = wan21_latent_stats()
+    data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
+    held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    report["encode_seconds"] = round(time.time() - t0, 1)
+    log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
+
+    t0 = time.time()
+    dit = build_dit()
+    report["dit_history"] = train_dit(dit, data, labels, args.dit_steps, args.dit_batch, g)
+    report["dit_seconds"] = round(time.time() - t0, 1)
+    report["dit_eval_loss"] = round(dit_eval_loss(dit, held, held_labels, torch.Generator().manual_seed(1)), 4)
+    report["total_seconds"] = round(time.time() - started, 1)
+
+    save(vae, args.out / VAE_FILE)
+    save(dit, args.out / DIT_FILE)
+    report["bytes"] = {VAE_FILE: (args.out / VAE_FILE).stat().st_size, DIT_FILE: (args.out / DIT_FILE).stat().st_size}
+    (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(f"done in {report['total_seconds']} s: DiT held-out flow loss {report['dit_eval_loss']}; wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The demo models' training script (scripts/train_demo_models.py) runs, writes files ComfyUI's own
+loaders read back as the configs the script trains, and its VAE recalibration leaves decoding
+unchanged. A few steps only: the real training (~30 min) never runs in the tests."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import train_demo_models  # noqa: E402
+
+
+def test_smoke_training_writes_models_comfyui_loads(tmp_path):
+    import comfy.sd
+    import comfy.utils
+    report = train_demo_models.main(["--smoke", "--out", str(tmp_path)])
+    assert report["vae_history"] and report["dit_history"]
+    assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == 1
+    model = comfy.sd.load_diffusion_model(str(tmp_path / train_demo_models.DIT_FILE))
+    config = model.model.model_config.unet_config
+    for key in ("dim", "ffn_dim", "num_layers", "num_heads", "in_dim", "out_dim"):
+        assert config[key] == train_demo_models.DIT_CONFIG[key], key
+    assert type(model.model).__name__ == "WAN21"
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tmp_path / train_demo_models.VAE_FILE)))
+    assert vae.latent_channels == 16 and vae.first_stage_model.dim == train_demo_models.VAE_CONFIG["dim"]
+    frames = vae.decode(torch.zeros(1, 16, 2, 8, 8))
+    assert frames.shape[-4:] == (5, 64, 64, 3)
+
+
+def test_recalibration_normalises_latents_and_keeps_decoding():
+    torch.manual_seed(0)
+    vae = train_demo_models.build_vae().eval()
+    with torch.no_grad():
+        x = torch.rand(3, 3, 1, 64, 64) * 2 - 1
+        raw = vae.encode(x)
+        before = vae.decode(raw)
+        new = train_demo_models.recalibrate_vae(vae, raw)
+        assert torch.allclose(vae.encode(x), new, atol=1e-4)
+        after = vae.decode(new)
+    assert torch.allclose(before, after, atol=1e-4)
+    mean, std = train_demo_models.wan21_latent_stats()
+    normalised = (new - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    assert normalised.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-4
+    assert (normalised.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 1e-3
+
+
+def test_flow_objective_matches_comfyui_wan_sampling():
+    """x_t and the velocity target as ComfyUI's Wan model sampling (CONST) defines them: the model's
+    exact prediction noise - x0 gives back x0 as ComfyUI's denoised output."""
+    import comfy.model_sampling
+    x0, noise, sigma = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4), torch.tensor([0.3, 0.8])
+    const = comfy.model_sampling.CONST()
+    x_t = const.noise_scaling(sigma, noise, x0)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - s) * x0 + s * noise)
+    assert torch.allclose(const.calculate_denoised(sigma, noise - x0, x_t), x0, atol=1e-6)
+    flow = comfy.model_sampling.ModelSamplingDiscreteFlow()
+    assert torch.allclose(flow.timestep(sigma), sigma * 1000)
