@@ -285,13 +285,17 @@ class FeatureAccumulation:
                         kwargs = dict(kwargs, **{hidden_name: new})
                     out = forward(*args, **kwargs)
                 elif by_function:
-                    with _RedirectNorm(h, self._with_video(h, span, mixed)) as redirect:
+                    redirect = _RedirectNorm(h, self._with_video(h, span, mixed))
+                    del mixed
+                    with redirect:
                         out = forward(*args, **kwargs)
                     if redirect.h is not None:
                         raise RuntimeError(f"Cross-layer feature accumulation: block {layer} applied no normalisation to "
                                            "its input where the model adapter expects it (ComfyUI changed the block)")
                 else:
+                    # Only the pending slot holds the mix: freed once the attention-input module used it.
                     call.pending = (h, span, mixed)
+                    del mixed
                     try:
                         out = forward(*args, **kwargs)
                     finally:
@@ -299,7 +303,7 @@ class FeatureAccumulation:
                     if missed is not None:
                         raise RuntimeError(f"Cross-layer feature accumulation: block {layer}'s attention-input module did "
                                            "not run where the model adapter expects it (ComfyUI changed the block)")
-                del mixed
+                mixed = None
             else:
                 out = forward(*args, **kwargs)
             if record:
@@ -319,8 +323,10 @@ class FeatureAccumulation:
         if pending is None:
             return forward(*args, **kwargs)
         h, span, mixed = pending
+        del pending
         a = args[0]
         new = self._with_video(h, span, mixed)
+        del mixed
         if a is not h:
             # The block added something to its state first (a per-block position embedding): keep it.
             new = a + (new - h).to(a.dtype)
