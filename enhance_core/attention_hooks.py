@@ -100,9 +100,7 @@ class _Hooked:
 @functools.lru_cache(maxsize=None)
 def _hooked_class(base: type) -> type:
     def forward(self, *args, **kwargs):
-        # Another node may have object-patched the original module's `forward` (an instance
-        # attribute, set when the model loads): keep calling it, so its effect stays.
-        call = self._freevideo_original.__dict__.get("forward") or super(cls, self).forward
+        call = super(cls, self).forward
         for around in self._freevideo_arounds:
             call = functools.partial(around, call)
         return call(*args, **kwargs)
@@ -201,7 +199,12 @@ class SelfAttentionLayers:
         self._handler = handler
         self._routed.update(layers)
         for layer in layers:
-            self.hook_module(self.sites[layer].arm, self._arm(layer))
+            site = self.sites[layer]
+            if site.disarm is None:
+                self.hook_module(site.arm, self._arm(layer))
+            else:
+                self.hook_module(site.arm, self._arm_before(layer))
+                self.hook_module(site.disarm, self._disarm(layer))
 
     def hook_module(self, path: str, around) -> None:
         """Object-patch the module at `path` (relative to the diffusion model) on the clone with a
@@ -223,6 +226,27 @@ class SelfAttentionLayers:
                 if call.armed == layer:
                     call.bypassed.add(layer)
                 call.armed = None
+        return around
+
+    def _arm_before(self, layer):
+        call = self.call
+
+        def around(forward, *args, **kwargs):
+            if call.armed is not None:  # the previous layer's kernel call never reached us
+                call.bypassed.add(call.armed)
+            call.armed = layer
+            call.ran.add(layer)
+            return forward(*args, **kwargs)
+        return around
+
+    def _disarm(self, layer):
+        call = self.call
+
+        def around(forward, *args, **kwargs):
+            if call.armed == layer:
+                call.bypassed.add(layer)
+                call.armed = None
+            return forward(*args, **kwargs)
         return around
 
     def _model_call(self, executor, x, *args, **kwargs):
@@ -288,7 +312,7 @@ def parse_layer_list(text: str, count: int, input_name: str) -> list[int]:
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if lo > hi:
-            raise ValueError(f"{input_name}: range '{part}' runs backwards")
+            raise ValueError(f"{input_name}: range '{part}' runs backwards; write the lower index first, e.g. '{hi}-{lo}'")
         if hi >= count:
             raise ValueError(f"{input_name}: layer {hi} does not exist; this model has {count} self-attention layers (0-{count - 1})")
         chosen.update(range(lo, hi + 1))

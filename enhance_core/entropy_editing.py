@@ -141,7 +141,7 @@ class EntropyEditing:
             return self.runner.evaluate(model, [source], z, s, options)[0]
         previous = 0.0
         for level in up:
-            x, _ = ddim_inversion_step(predict, x, previous, level)
+            x, _ = ddim_inversion_step(predict, x, previous, level, model.model_sampling)
             run.levels[level] = x
             previous = level
 

@@ -134,6 +134,8 @@ class EntropyGuidance:
     def _new_run(self, executor, *args, **kwargs):
         self.registered = None if self.auto else list(self.manual)
         self.entropies, self._pending = {}, None
+        with self._sink_lock:  # a registry pass cut short (an interrupt, out of memory) leaves sums
+            self._sink = {}
         self._needs_report = True
         return executor(*args, **kwargs)
 

@@ -287,7 +287,7 @@ def _input_scale(model_sampling, sigma) -> float:
     return float(model_sampling.calculate_input(torch.full((1,), float(sigma)), one))
 
 
-def ddim_inversion_step(predict, x, sigma, sigma_next, model_sampling=None):
+def ddim_inversion_step(predict, x, sigma, sigma_next, model_sampling):
     """One DDIM inversion step of x from level sigma up to sigma_next; predict(x, level) is the
     model's clean-latent prediction through ComfyUI's model sampling. Returns (x at sigma_next, the
     prediction).
@@ -297,11 +297,8 @@ def ddim_inversion_step(predict, x, sigma, sigma_next, model_sampling=None):
     the deterministic first-order step. ComfyUI scales a model's input for the level it is called at,
     so the latent is handed over as x * c_in(sigma) / c_in(sigma_next): the network sees
     c_in(sigma) * x, the latent as it is, and the noise estimate is (handed - prediction) /
-    sigma_next. With model_sampling None nothing is rescaled, which is exact only where c_in is 1
-    (flow models: Wan, HunyuanVideo, LTX-Video, Qwen-Image)."""
-    handed = x
-    if model_sampling is not None:
-        handed = x * (_input_scale(model_sampling, sigma) / _input_scale(model_sampling, sigma_next))
+    sigma_next. (For flow models, c_in is 1: nothing is rescaled.)"""
+    handed = x * (_input_scale(model_sampling, sigma) / _input_scale(model_sampling, sigma_next))
     denoised = predict(handed, sigma_next)
     return x + (handed - denoised) * ((sigma_next - sigma) / sigma_next), denoised
 

@@ -212,10 +212,10 @@ def _manual_attention_forward(module):
 
 
 @pytest.mark.parametrize("order", ["neighbour before ours", "neighbour after ours"])
-def test_a_layer_we_cannot_reach_is_named_in_the_log(wan21, order, caplog):
-    """A neighbour object-patches layer 1's forward with attention of its own: before ours, our hook
-    still runs that forward (its effect stays) but no kernel call reaches us; after ours, the
-    neighbour's forward shadows our hook. Either way the log names layer 1 when sampling starts."""
+def test_a_neighbours_own_attention_keeps_running_and_is_named_in_the_log(wan21, order, caplog):
+    """A neighbour object-patches layer 1's forward with attention of its own (as KJNodes' Enhance-
+    A-Video does): in either order its forward runs (our hooks sit on the module's children, not on
+    its path), no kernel call of that layer reaches us, and the log names layer 1."""
     calls = []
 
     def neighbour(model):
@@ -230,13 +230,25 @@ def test_a_layer_we_cannot_reach_is_named_in_the_log(wan21, order, caplog):
         result = sample(stacked)
     assert calls, "the neighbour's attention did not run"
     warnings = [r.getMessage() for r in caplog.records if "cannot act on every layer" in r.getMessage()]
-    assert len(warnings) == 1 and "layer(s) 1 " in warnings[0], warnings
-    assert ("outside ComfyUI's attention functions" in warnings[0]) == (order == "neighbour before ours")
+    assert len(warnings) == 1 and "layer(s) 1 computed attention outside ComfyUI's attention functions" in warnings[0], warnings
     # The other layers are still enhanced; the neighbour's layer 1 still runs its own attention.
-    only_neighbour = sample(neighbour(wan21))
-    others = sample(apply_enhance_a_video(neighbour(wan21), 40.0, layers="0, 2-3"))
-    assert not torch.equal(result, only_neighbour)
-    assert torch.equal(result, others)
+    assert torch.equal(result, sample(apply_enhance_a_video(neighbour(wan21), 40.0, layers="0, 2-3")))
+    assert not torch.equal(result, sample(neighbour(wan21)))
+    # Nothing is left behind on the loaded model: plain sampling is plain again.
+    assert torch.equal(sample(wan21), sample(wan21.clone()))
+
+
+def test_a_layer_a_neighbour_skips_is_named_in_the_log(wan21, caplog):
+    """A neighbour that skips block 1 (as skip-layer guidance does, through ComfyUI's block-replace
+    patch): layer 1 never runs, and the log says so."""
+    def skip_block_1(model):
+        m = model.clone()
+        m.set_model_patch_replace(lambda args, extra: {"img": args["img"]}, "dit", "double_block", 1)
+        return m
+    with caplog.at_level("WARNING"):
+        sample(skip_block_1(apply_enhance_a_video(wan21, 40.0)))
+    warnings = [r.getMessage() for r in caplog.records if "cannot act on every layer" in r.getMessage()]
+    assert len(warnings) == 1 and "layer(s) 1 did not run" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("node", sorted(NODES))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 class AttentionSite:
     """One self-attention layer. Paths are relative to the diffusion model."""
 
-    # The module whose forward makes this layer's (single) self-attention kernel call.
+    # The module whose forward makes this layer's (single) self-attention kernel call; or, with
+    # `disarm`, the module that runs just before that call (its q normalisation).
     arm: str
     # The module whose output is this layer's attention output after its output projection, video
     # tokens only. None where the projection is shared with other features (a single-stream block's
@@ -28,6 +29,11 @@ class AttentionSite:
     # the gate and the residual (Mochi's sandwich norm): a plain scale of `output` would cancel, so
     # a method acts on that norm's result instead.
     normalized_in: str | None = None
+    # Where `arm` only precedes the kernel call: the module that runs right after it (the output
+    # projection), which closes the layer. Hooking children of the attention module, not the module
+    # itself, leaves its path free for other packs that patch its forward (ComfyUI restores nested
+    # object patches in the order they were applied, which would leave one of them behind).
+    disarm: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Wan 2.1 / 2.2 (t2v, i2v, the 5B TI2V, VACE, camera and other WanModel variants).
 
-Self-attention is `blocks.i.self_attn` (WanSelfAttention); its forward ends with the output
-projection `o`, before the block's gate and residual. No text tokens in self-attention (text enters
+Self-attention is `blocks.i.self_attn` (WanSelfAttention): q is normalised by `norm_q` just before
+the kernel call, and its forward ends with the output projection `o`, before the block's gate and
+residual. No text tokens in self-attention (text enters
 through cross-attention). A reference latent, where a variant adds one, is one more frame in front.
 """
 
@@ -17,7 +18,10 @@ class WanAdapter(FamilyAdapter):
         return isinstance(diffusion_model, WanModel)
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
-        return [AttentionSite(arm=f"blocks.{i}.self_attn", output=f"blocks.{i}.self_attn")
+        # Children of self_attn: packs that patch self_attn.forward (KJNodes' Enhance-A-Video) stay
+        # composable, and the hooks run inside their forward as long as it calls norm_q and o.
+        return [AttentionSite(arm=f"blocks.{i}.self_attn.norm_q", output=f"blocks.{i}.self_attn.o",
+                              disarm=f"blocks.{i}.self_attn.o")
                 for i in range(len(diffusion_model.blocks))]
 
     def blocks(self, diffusion_model) -> list[BlockSite]:
