@@ -87,6 +87,11 @@ def build_vae():
     from comfy.ldm.wan.vae import WanVAE
     vae = WanVAE(**VAE_CONFIG)
     init_module(vae)
+    with torch.no_grad():  # N(0, 2 / fan_in): PyTorch's default scale lets the signal fade in this deep
+        for m in vae.modules():  # stack, and training then settles on the mean colour
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5)
+                m.bias.zero_()
     return vae
 
 
@@ -107,21 +112,23 @@ def wan21_latent_stats():
 
 # --- data -------------------------------------------------------------------------------------
 
-def clip_batch(seeds: list[int], frames: int, g: torch.Generator) -> torch.Tensor:
-    """Clips in [-1, 1], [B, 3, frames, H, W]: random labels, windows of `frames` frames."""
+def clip_batch(seeds: list[int], frames: int, g: torch.Generator, crop: int = demo_clips.SIZE) -> torch.Tensor:
+    """Clips in [-1, 1], [B, 3, frames, crop, crop]: random labels, windows of `frames` frames,
+    random crops (the VAE is convolutional: crops give more clips per second of training)."""
     out = []
     combos = demo_clips.all_labels()
     for seed in seeds:
         labels = combos[int(torch.randint(len(combos), (1,), generator=g))]
         video = demo_clips.render_clip(*labels, seed=seed)["video"]
         start = int(torch.randint(demo_clips.FRAMES - frames + 1, (1,), generator=g))
-        out.append(video[:, start:start + frames])
+        y, x = (int(torch.randint(demo_clips.SIZE - crop + 1, (1,), generator=g)) for _ in range(2))
+        out.append(video[:, start:start + frames, y:y + crop, x:x + crop])
     return torch.stack(out) * 2 - 1
 
 
 # --- VAE --------------------------------------------------------------------------------------
 
-def train_vae(vae, steps: int, g: torch.Generator, lr: float = 2e-3):
+def train_vae(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     history, running = [], []
     started = time.time()
@@ -129,8 +136,8 @@ def train_vae(vae, steps: int, g: torch.Generator, lr: float = 2e-3):
         frac = step / max(1, steps)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        frames, batch = (5, 2) if step % 3 else (9, 1)
-        x = clip_batch([10_000_000 + step * 4 + i for i in range(batch)], frames, g)
+        frames, batch = (5, 4) if step % 3 else (9, 2)
+        x = clip_batch([10_000_000 + step * 4 + i for i in range(batch)], frames, g, crop=32)
         mu = vae.encode(x)
         # a little latent noise: the decoder must tolerate the DiT's imperfect latents
         z = mu + 0.05 * mu.detach().std() * torch.randn(mu.shape, generator=g)
@@ -144,6 +151,35 @@ def train_vae(vae, steps: int, g: torch.Generator, lr: float = 2e-3):
         if (step + 1) % 25 == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": round(time.time() - started, 1)})
             log(f"vae step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - started:.0f} s)")
+            running = []
+    return history
+
+
+def train_decoder(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
+    """Stage 3: the decoder alone (encoder frozen, so the DiT's latents stay valid) on fresh clips."""
+    params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    history, running = [], []
+    started = time.time()
+    for step in range(steps):
+        frac = step / max(1, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        frames, batch = (5, 2) if step % 3 else (9, 1)
+        x = clip_batch([30_000_000 + step * 4 + i for i in range(batch)], frames, g)
+        with torch.no_grad():
+            mu = vae.encode(x)
+            z = mu + 0.05 * mu.std() * torch.randn(mu.shape, generator=g)
+        y = vae.decode(z)
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": round(time.time() - started, 1)})
+            log(f"decoder step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - started:.0f} s)")
             running = []
     return history
 
@@ -265,14 +301,18 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "demo_models")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it; default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=220)
+    p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--clips", type=int, default=288, help="clips in the DiT's data set (6 per label combination)")
     p.add_argument("--dit-steps", type=int, default=400)
     p.add_argument("--dit-batch", type=int, default=16)
+    p.add_argument("--decoder-steps", type=int, default=0, help="optional stage 3: decoder fine-tune, encoder frozen")
+    p.add_argument("--stage3-only", action="store_true",
+                   help="run only stage 3 on the files in --out (stages 1-2 saved them): the same result as one run, "
+                        "since the VAE goes through fp16 between the stages either way")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.vae_steps, args.clips, args.dit_steps, args.dit_batch = 1, 2, 2, 2
+        args.vae_steps, args.clips, args.dit_steps, args.dit_batch, args.decoder_steps = 1, 2, 2, 2, 1
 
     import in_process
     in_process.setup()
@@ -284,36 +324,57 @@ def main(argv=None):
               "torch": torch.__version__, "vae_config": VAE_CONFIG,
               "dit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in DIT_CONFIG.items()}}
 
+    if not args.stage3_only:
+        vae = build_vae()
+        report["vae_history"] = train_vae(vae, args.vae_steps, g)
+        report["vae_seconds"] = round(time.time() - started, 1)
+        vae.eval()
+        t0 = time.time()
+        raw, labels = encode_clips(vae, args.clips)
+        data = recalibrate_vae(vae, raw)
+        held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
+        report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
+        mean, std = wan21_latent_stats()
+        data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
+        held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        report["encode_seconds"] = round(time.time() - t0, 1)
+        log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
+
+        t0 = time.time()
+        dit = build_dit()
+        report["dit_history"] = train_dit(dit, data, labels, args.dit_steps, args.dit_batch, g)
+        report["dit_seconds"] = round(time.time() - t0, 1)
+        report["dit_eval_loss"] = round(dit_eval_loss(dit, held, held_labels, torch.Generator().manual_seed(1)), 4)
+        save(vae, args.out / VAE_FILE)
+        save(dit, args.out / DIT_FILE)
+        report["stages_1_2_seconds"] = round(time.time() - started, 1)
+        (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
+    else:
+        report = json.loads((args.out / "training_log.json").read_text())
+        report["stage3_args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+    # stage 3 starts from the saved (fp16) VAE, in one run or in two
+    from safetensors.torch import load_file
     vae = build_vae()
-    report["vae_history"] = train_vae(vae, args.vae_steps, g)
-    report["vae_seconds"] = round(time.time() - started, 1)
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(args.out / VAE_FILE)).items()})
+    g3 = torch.Generator().manual_seed(args.seed + 3)
+    t0 = time.time()
+    report["decoder_history"] = train_decoder(vae, args.decoder_steps, g3)
+    report["decoder_seconds"] = round(time.time() - t0, 1)
     vae.eval()
-    t0 = time.time()
-    raw, labels = encode_clips(vae, args.clips)
-    data = recalibrate_vae(vae, raw)
-    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
-    held_out = [args.clips + 1000 + i for i in range(len(held_labels))]
-    report["vae_psnr_db"] = round(vae_psnr(vae, held_out), 2)
-    mean, std = wan21_latent_stats()
-    data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
-    held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    report["encode_seconds"] = round(time.time() - t0, 1)
-    log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
-
-    t0 = time.time()
-    dit = build_dit()
-    report["dit_history"] = train_dit(dit, data, labels, args.dit_steps, args.dit_batch, g)
-    report["dit_seconds"] = round(time.time() - t0, 1)
-    report["dit_eval_loss"] = round(dit_eval_loss(dit, held, held_labels, torch.Generator().manual_seed(1)), 4)
-    report["total_seconds"] = round(time.time() - started, 1)
-
+    report["vae_psnr_db_after_decoder"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
     save(vae, args.out / VAE_FILE)
-    save(dit, args.out / DIT_FILE)
     report["bytes"] = {VAE_FILE: (args.out / VAE_FILE).stat().st_size, DIT_FILE: (args.out / DIT_FILE).stat().st_size}
+    report["training_seconds"] = round(report.get("vae_seconds", 0) + report.get("encode_seconds", 0)
+                                       + report.get("dit_seconds", 0) + report["decoder_seconds"], 1)
     (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
-    log(f"done in {report['total_seconds']} s: DiT held-out flow loss {report['dit_eval_loss']}; wrote {args.out}")
+    log(f"done: VAE PSNR {report['vae_psnr_db_after_decoder']} dB; DiT held-out flow loss {report.get('dit_eval_loss')}; "
+        f"wrote {args.out}")
     return report
 
+
+def held_psnr_seeds(args) -> list[int]:
+    return [args.clips + 1000 + i for i in range(16 if not args.smoke else 1)]
 
 if __name__ == "__main__":
     main()
