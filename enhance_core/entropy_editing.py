@@ -96,7 +96,7 @@ class EntropyEditing:
             self.run = None
 
     def _calc_cond_batch(self, args):
-        conds, x, sigma = args["conds"], args["input"], args["sigma"]
+        conds, sigma = args["conds"], args["sigma"]
         run = self.run
         if run is None or conds[0] is None or not self.window.contains({"sigmas": sigma}):
             return self.runner.run(args)[0]

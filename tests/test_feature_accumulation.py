@@ -9,13 +9,10 @@ kernel call, then the sampled latent. Real ComfyUI loaders, patcher and KSampler
 
 import copy
 import inspect
-import threading
 
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
 import tiny_models
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
@@ -23,8 +20,9 @@ from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.feature_accumulation import (GroupAccumulator, apply_feature_accumulation, parse_gates,
                                                           plan)
 from freevideo.enhance_core.models import adapter_for
+from deep_clones import concurrent_calls_match_alone, fresh_wan, needs_deep_clones, one_call
 from sampling import ksample, text_conditioning, video_latent
-from test_families import FAMILIES, conditioning
+from test_families import FAMILIES
 from test_families import sample as family_sample
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
@@ -170,7 +168,6 @@ class Naive:
         adapter = adapter_for(model)
         self.layout = None
         sites = adapter.blocks(dm)
-        video_first = None
         for i, site in enumerate(sites):
             block = dm.get_submodule(site.path)
             self.handles.append(block.register_forward_pre_hook(self._pre(i, block, gates.get(i, 0.0), mode), with_kwargs=True))
@@ -411,19 +408,10 @@ def test_nothing_survives_the_model_call(wan21):
 
 # --- multi-GPU deep clones and concurrent calls (ComfyUI 0.33) ---------------------------------
 
-def _needs_deep_clones():
-    if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
-        pytest.skip("this ComfyUI has no multi-GPU deep clones (ModelPatcher.deepclone_multigpu, added after 0.3.75)")
-
-
-def _fresh_wan():
-    return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
-
-
 def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(mode="attention input"):
-    _needs_deep_clones()
+    needs_deep_clones()
     import comfy.utils
-    patched = apply_feature_accumulation(_fresh_wan(), "0.5", 2, mode)
+    patched = apply_feature_accumulation(fresh_wan(), "0.5", 2, mode)
     deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
     hooked = [p for p, obj in deep.object_patches.items() if hasattr(obj, "_freevideo_arounds")]
     assert hooked
@@ -433,7 +421,7 @@ def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(mode="attention inp
     weight = "diffusion_model.blocks.1.self_attn.o.weight"
     with torch.no_grad():
         comfy.utils.get_attr(deep.model, weight).mul_(1.5)
-    reference = _fresh_wan()
+    reference = fresh_wan()
     with torch.no_grad():
         comfy.utils.get_attr(reference.model, weight).mul_(1.5)
     changed = sample(deep)
@@ -441,39 +429,8 @@ def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(mode="attention inp
     assert not torch.equal(changed, sample(patched))
 
 
-def _one_call(patcher, x, sigma, context):
-    import comfy.patcher_extension
-    options = dict(patcher.model_options.get("transformer_options", {}), cond_or_uncond=[0], sigmas=sigma,
-                   wrappers=comfy.patcher_extension.copy_nested_dicts(patcher.wrappers))
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
-
-
 @pytest.mark.parametrize("mode", ["attention input", "block input"])
 def test_deep_clones_called_concurrently_match_each_called_alone(mode):
-    _needs_deep_clones()
-    patched = apply_feature_accumulation(_fresh_wan(), "0.5", 2, mode)
-    clones = [patched.deepclone_multigpu(new_load_device=torch.device("cpu")) for _ in range(2)]
-    comfy.model_management.load_models_gpu(clones)
-    g = torch.Generator().manual_seed(3)
-    inputs = [(torch.randn(1, 16, 5, 16, 16, generator=g), torch.tensor([0.3 + 0.4 * i]),
-               torch.randn(1, 8, 4096, generator=g)) for i in range(2)]
-    alone = [_one_call(c, *inp) for c, inp in zip(clones, inputs)]
-    plain = _one_call(_fresh_wan(), *inputs[0])
-    assert not torch.equal(alone[0], plain)
-    rounds = 6
-    results = [[None] * rounds for _ in clones]
-    start = threading.Barrier(len(clones))
-
-    def work(i):
-        start.wait()
-        for r in range(rounds):
-            results[i][r] = _one_call(clones[i], *inputs[i])
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clones))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(len(clones)):
-        for r in range(rounds):
-            assert torch.equal(results[i][r], alone[i]), (i, r)
+    needs_deep_clones()
+    alone, inputs = concurrent_calls_match_alone(apply_feature_accumulation(fresh_wan(), "0.5", 2, mode))
+    assert not torch.equal(alone[0], one_call(fresh_wan(), *inputs[0]))

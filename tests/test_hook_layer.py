@@ -8,15 +8,13 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.utils
-import tiny_models
 from freevideo.enhance_core.attention_hooks import OVERRIDE_KEY, add_attention_override, hooked_copy
 from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
+from deep_clones import concurrent_calls_match_alone, fresh_wan, needs_deep_clones
 from sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
@@ -100,16 +98,6 @@ def test_inspector_reads_through_a_neighbours_override(wan21):
 
 
 # multi-GPU deep clones ---------------------------------------------------------------------------
-def _needs_deep_clones():
-    if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
-        pytest.skip("this ComfyUI has no multi-GPU deep clones (ModelPatcher.deepclone_multigpu, added after 0.3.75)")
-
-
-def _fresh_wan():
-    # Deep clones reload the model through the loader that made it: a core loader.
-    return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
-
-
 def _sfi_clone(model):
     clone = model.clone()
     SelectiveFeatureInjection(clone, "all", 0.8)
@@ -121,8 +109,8 @@ PATCHES = dict(NODES, evs_feature_injection=_sfi_clone)
 
 @pytest.mark.parametrize("node", sorted(PATCHES))
 def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(node):
-    _needs_deep_clones()
-    patched = PATCHES[node](_fresh_wan())
+    needs_deep_clones()
+    patched = PATCHES[node](fresh_wan())
     hooked = {path: obj for path, obj in patched.object_patches.items() if hasattr(obj, "_freevideo_arounds")}
     assert hooked
     deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
@@ -139,7 +127,7 @@ def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(node):
     weight = "diffusion_model.blocks.1.self_attn.o.weight"
     with torch.no_grad():
         comfy.utils.get_attr(deep.model, weight).mul_(1.5)
-    reference = _fresh_wan()
+    reference = fresh_wan()
     with torch.no_grad():
         comfy.utils.get_attr(reference.model, weight).mul_(1.5)
     changed = sample(deep)
@@ -158,42 +146,11 @@ def test_rehooking_keeps_stacked_hooks_in_order():
     assert "_freevideo_original" not in base._modules
 
 
-def _one_call(patcher, x, sigma, context):
-    """One model call as a multi-GPU work unit makes it: apply_model with the patcher's wrappers."""
-    options = dict(patcher.model_options.get("transformer_options", {}), cond_or_uncond=[0], sigmas=sigma,
-                   wrappers=comfy.patcher_extension.copy_nested_dicts(patcher.wrappers))
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
-
-
 def test_deep_clones_called_concurrently_match_each_called_alone():
     # Enhance-A-Video holds the most per-call state: the token layout, the armed layer and the
     # scale waiting for the layer's output module.
-    _needs_deep_clones()
-    patched = apply_enhance_a_video(_fresh_wan(), weight=40.0)
-    clones = [patched.deepclone_multigpu(new_load_device=torch.device("cpu")) for _ in range(2)]
-    comfy.model_management.load_models_gpu(clones)
-    g = torch.Generator().manual_seed(3)
-    inputs = [(torch.randn(1, 16, 5, 16, 16, generator=g), torch.tensor([0.3 + 0.4 * i]),
-               torch.randn(1, 8, 4096, generator=g)) for i in range(2)]
-    alone = [_one_call(c, *inp) for c, inp in zip(clones, inputs)]
-    rounds = 6
-    results = [[None] * rounds for _ in clones]
-    start = threading.Barrier(len(clones))
-
-    def work(i):
-        start.wait()
-        for r in range(rounds):
-            results[i][r] = _one_call(clones[i], *inputs[i])
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clones))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not torch.equal(alone[0], alone[1])
-    for i in range(len(clones)):
-        for r in range(rounds):
-            assert torch.equal(results[i][r], alone[i]), (i, r)
+    needs_deep_clones()
+    concurrent_calls_match_alone(apply_enhance_a_video(fresh_wan(), weight=40.0))
 
 
 def _manual_attention_forward(module):
@@ -256,7 +213,7 @@ def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
     """ComfyUI's own MultiGPU_WorkUnits node and thread pool, with two CPU devices standing in for
     two GPUs ("cpu" and "cpu:0" compare unequal, so ComfyUI makes a deep clone for the second and
     runs its work units in a worker thread). The split result equals the single-device result."""
-    _needs_deep_clones()
+    needs_deep_clones()
     try:
         from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
     except ImportError:
@@ -265,7 +222,7 @@ def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
                         lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
     monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
     threads = set()
-    model = _fresh_wan()
+    model = fresh_wan()
     add_attention_override(model, "test_threads", lambda call_next, *a, **kw: (threads.add(threading.get_ident()), call_next(*a, **kw))[1])
     patched = NODES[node](model)
     single = sample(patched)

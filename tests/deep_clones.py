@@ -1,0 +1,60 @@
+"""Multi-GPU deep clones on a CPU machine, for the tests of every node: clones of a patched model
+as ComfyUI's MultiGPU_WorkUnits makes them, and model calls run concurrently in threads as its
+thread pool runs work units."""
+
+import threading
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import tiny_models
+
+
+def needs_deep_clones():
+    if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
+        pytest.skip("this ComfyUI has no multi-GPU deep clones (ModelPatcher.deepclone_multigpu, added after 0.3.75)")
+
+
+def fresh_wan():
+    """Tiny Wan 2.1 from the core loader (deep clones reload the model through the loader that made it)."""
+    return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
+
+
+def one_call(patcher, x, sigma, context):
+    """One model call as a multi-GPU work unit makes it: apply_model with the patcher's wrappers."""
+    options = dict(patcher.model_options.get("transformer_options", {}), cond_or_uncond=[0], sigmas=sigma,
+                   wrappers=comfy.patcher_extension.copy_nested_dicts(patcher.wrappers))
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+
+def concurrent_calls_match_alone(patched, rounds: int = 6):
+    """Two deep clones of `patched`, each called alone and then `rounds` times concurrently in two
+    threads with different inputs: every concurrent result must equal that clone's result alone.
+    Returns the results alone (for further checks)."""
+    clones = [patched.deepclone_multigpu(new_load_device=torch.device("cpu")) for _ in range(2)]
+    comfy.model_management.load_models_gpu(clones)
+    g = torch.Generator().manual_seed(3)
+    inputs = [(torch.randn(1, 16, 5, 16, 16, generator=g), torch.tensor([0.3 + 0.4 * i]),
+               torch.randn(1, 8, 4096, generator=g)) for i in range(2)]
+    alone = [one_call(c, *inp) for c, inp in zip(clones, inputs)]
+    results = [[None] * rounds for _ in clones]
+    start = threading.Barrier(len(clones))
+
+    def work(i):
+        start.wait()
+        for r in range(rounds):
+            results[i][r] = one_call(clones[i], *inputs[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clones))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torch.equal(alone[0], alone[1])
+    for i in range(len(clones)):
+        for r in range(rounds):
+            assert torch.equal(results[i][r], alone[i]), (i, r)
+    return alone, inputs
