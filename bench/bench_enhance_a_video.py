@@ -67,8 +67,9 @@ class PeakRSS:
         self._thread.join()
 
 
-def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int) -> dict:
-    """One measurement in this process: build the model through ComfyUI's loader, sample once."""
+def wan_bench_model(layers: int):
+    """The Wan-shaped benchmark model (1.3B width, `layers` layers, seeded random weights) through
+    ComfyUI's loader, in this process, CPU threads as the machine has, denormals flushed."""
     sys.path.insert(0, str(ROOT / "tests"))
     import in_process
     in_process.setup()
@@ -76,8 +77,6 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
     import comfy.ops
     import comfy.sd
     from comfy.ldm.wan.model import WanModel
-    from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
-    from sampling import ksample, text_conditioning
     import tiny_models
 
     torch.set_num_threads(os.cpu_count())
@@ -89,19 +88,36 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
     tiny_models.init_weights(net)
     model = comfy.sd.load_diffusion_model_state_dict(net.state_dict())
     del net
-    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
-    if config == "enhance":
-        model = apply_enhance_a_video(model, weight=4.0)
-    elif config == "kjnodes":
-        (model,) = kjnodes_enhance()().enhance(model, 4.0, latent)
+    return model
+
+
+def timed_sampling(config: str, model, latent: dict, steps: int) -> dict:
+    """Seconds and peak RSS of one KSampler run (CFG 5) after a warm-up that loads the model."""
+    import torch
+    from sampling import ksample, text_conditioning
     pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
-    ksample(model, {"samples": torch.zeros(1, 16, 2, 8, 8)}, pos, neg, steps=1)  # warm-up, loads the model
+    # Warm-up (loads the model) on a small latent with the same frame count: KJNodes' node fixes the
+    # frame count when it runs.
+    ksample(model, {"samples": torch.zeros(1, 16, latent["samples"].shape[2], 8, 8)}, pos, neg, steps=1)
     base = rss_bytes()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
         ksample(model, latent, pos, neg, steps=steps, cfg=5.0)
         seconds = time.perf_counter() - t0
     return {"config": config, "seconds": seconds, "peak": peak.peak, "base": base}
+
+
+def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int) -> dict:
+    """One measurement in this process: build the model through ComfyUI's loader, sample once."""
+    model = wan_bench_model(layers)
+    import torch
+    from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
+    if config == "enhance":
+        model = apply_enhance_a_video(model, weight=4.0)
+    elif config == "kjnodes":
+        (model,) = kjnodes_enhance()().enhance(model, 4.0, latent)
+    return timed_sampling(config, model, latent, steps)
 
 
 def component_ratio(heads: int, frames: int, height: int, width: int, repeats: int = 5) -> tuple[float, float]:

@@ -16,45 +16,21 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_enhance_a_video import ROOT, PeakRSS, rss_bytes  # noqa: E402
+from bench_enhance_a_video import timed_sampling, wan_bench_model  # noqa: E402
 
 CONFIGS = {"plain": None, "attention input": "attention input", "block input": "block input"}
 
 
 def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int, gate: str) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import in_process
-    in_process.setup()
+    model = wan_bench_model(layers)
     import torch
-    import comfy.ops
-    import comfy.sd
-    from comfy.ldm.wan.model import WanModel
     from freevideo.enhance_core.feature_accumulation import apply_feature_accumulation
-    from sampling import ksample, text_conditioning
-    import tiny_models
-
-    torch.set_num_threads(os.cpu_count())
-    torch.set_flush_denormal(True)  # as the Enhance-A-Video benchmark: CPUs compute denormals slowly, GPUs flush them
-    net = WanModel(model_type="t2v", in_dim=16, dim=1536, ffn_dim=8960, text_dim=4096, out_dim=16, num_heads=12,
-                   num_layers=layers, operations=comfy.ops.disable_weight_init)
-    tiny_models.init_weights(net)
-    model = comfy.sd.load_diffusion_model_state_dict(net.state_dict())
-    del net
     if CONFIGS[config] is not None:
         model = apply_feature_accumulation(model, gate, 6, CONFIGS[config])
-    latent = {"samples": torch.zeros(1, 16, frames, height, width)}
-    pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
-    ksample(model, {"samples": torch.zeros(1, 16, 2, 8, 8)}, pos, neg, steps=1)  # warm-up, loads the model
-    base = rss_bytes()
-    with PeakRSS() as peak:
-        t0 = time.perf_counter()
-        ksample(model, latent, pos, neg, steps=steps, cfg=5.0)
-        seconds = time.perf_counter() - t0
-    return {"config": config, "seconds": seconds, "peak": peak.peak, "base": base}
+    return timed_sampling(config, model, {"samples": torch.zeros(1, 16, frames, height, width)}, steps)
 
 
 def main():
