@@ -60,7 +60,7 @@ def add_attention_override(model_patcher, key: str, handler):
             else:
                 def override(func, *args, **kwargs):
                     return handler(functools.partial(previous, func), *args, **kwargs)
-            chained[previous] = override
+            chained[previous] = eager(override)
         return chained[previous]
 
     def install(executor, x, *args, **kwargs):
@@ -76,6 +76,13 @@ def add_attention_override(model_patcher, key: str, handler):
                 options[OVERRIDE_KEY] = previous
 
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, install)
+
+
+def eager(fn, recursive: bool = True):
+    """`fn` run by Python even inside a torch.compile'd model (TorchCompileModel): our hooks read
+    per-call state that compiled code would guard on (and recompile for) or cannot trace. A graph
+    break at each hook; with recursive=False what `fn` calls is compiled again."""
+    return torch.compiler.disable(fn, recursive=recursive)
 
 
 def calls_kernel(call_next) -> bool:
@@ -105,7 +112,7 @@ def _hooked_class(base: type) -> type:
             call = functools.partial(around, call)
         return call(*args, **kwargs)
 
-    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {"forward": forward})
+    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {"forward": eager(forward)})
     return cls
 
 
@@ -191,7 +198,7 @@ class SelfAttentionLayers:
         self._handler = None
         self._routed = set()
         self._warned = False
-        clone.add_wrapper_with_key(adapter.wrapper_type, key, self._model_call)
+        clone.add_wrapper_with_key(adapter.wrapper_type, key, eager(self._model_call, recursive=False))
         add_attention_override(clone, key, self._attention)
         _follow_deep_clones(clone)
 
@@ -325,10 +332,24 @@ class SigmaWindow:
     def __init__(self, model_patcher, start_percent: float, end_percent: float):
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1")
+        self.percents = (start_percent, end_percent)
+        self._bounds(model_patcher)
+
+    def _bounds(self, model_patcher) -> None:
         sampling = model_patcher.get_model_object("model_sampling")
-        self.sigma_start = float(sampling.percent_to_sigma(start_percent))
-        self.sigma_end = float(sampling.percent_to_sigma(end_percent))
+        self.sigma_start = float(sampling.percent_to_sigma(self.percents[0]))
+        self.sigma_end = float(sampling.percent_to_sigma(self.percents[1]))
         self._last = (None, True)
+
+    def follow(self, clone) -> None:
+        """Take the bounds from the model being sampled at the start of every sampling run, so a
+        model-sampling patch applied after the node (ModelSamplingSD3's shift) moves the window."""
+        window = self
+
+        def refresh(executor, *args, **kwargs):
+            window._bounds(executor.class_obj.model_patcher)
+            return executor(*args, **kwargs)
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, f"freevideo_window_{id(self)}", refresh)
 
     def contains(self, transformer_options: dict) -> bool:
         sigmas = transformer_options.get("sigmas")

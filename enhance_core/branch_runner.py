@@ -20,7 +20,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 
-from .attention_hooks import apply_model_options
+from .attention_hooks import apply_model_options, eager
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ class SharedPrefix:
     def __init__(self, clone, key: str, n_blocks: int, block_name: str):
         replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         for i in range(n_blocks):
-            clone.set_model_patch_replace(self._block(key, i, replaces.get((block_name, i))), "dit", block_name, i)
+            clone.set_model_patch_replace(eager(self._block(key, i, replaces.get((block_name, i))), recursive=False),
+                                          "dit", block_name, i)
 
     @staticmethod
     def _block(key, i, previous):

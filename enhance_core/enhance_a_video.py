@@ -75,6 +75,7 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
     adapter = adapter_for(model)
     window = SigmaWindow(model, start_percent, end_percent)
     m = model.clone()
+    window.follow(m)
     if weight == 0:
         parse_layer_list(layers, len(adapter.sites(model.get_model_object("diffusion_model"))), "layers")
         return m

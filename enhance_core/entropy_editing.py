@@ -70,6 +70,7 @@ class EntropyEditing:
         self.source_latent = None if source_latent is None else source_latent["samples"]
         self.ratio = float(ratio)
         self.clone = model.clone()
+        self.window.follow(self.clone)
         self.run = None
         self.entropies = {}
         self._sink = {}

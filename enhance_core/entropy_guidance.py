@@ -107,6 +107,7 @@ class EntropyGuidance:
         self.rows = None if entropy_rows == 0 else entropy_rows
         self.kinds = tuple(b for b in (positive, negative) if b != "original")  # branches needing a forward
         self.clone = model.clone()
+        self.window.follow(self.clone)
         self.registered = None  # layer indices of this sampling run
         self.entropies = {}  # layer -> normalised entropy measured at the registry evaluation
         self._sink = {}

@@ -189,6 +189,7 @@ class FeatureAccumulation:
         self.adapter, self.mode, self.group_size = adapter, mode, group_size
         self.mixing, self.needed = plan(gates, group_size)
         self.clone = model.clone()
+        self.window.follow(self.clone)
         self.call = _Call()
         self._warned = False
         if not self.mixing:
