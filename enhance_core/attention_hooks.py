@@ -14,7 +14,6 @@ Three things make the hooks survive the user's graph:
   that model's modules (ON_DEEPCLONE_MULTIGPU), so each device computes with its own weights.
 """
 
-import copy
 import functools
 import logging
 import re
@@ -104,25 +103,23 @@ class _Hooked:
     """Marker base of the hooked module classes made by `hooked_copy`."""
 
 
-@functools.lru_cache(maxsize=None)
-def _hooked_class(base: type) -> type:
-    def forward(self, *args, **kwargs):
-        call = super(cls, self).forward
-        for around in self._freevideo_arounds:
-            call = functools.partial(around, call)
-        return call(*args, **kwargs)
-
-    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {"forward": eager(forward)})
-    return cls
+def _hooked_forward(self, *args, **kwargs):
+    call = functools.partial(type(self)._freevideo_base.forward, self)
+    for around in type(self)._freevideo_arounds:
+        call = functools.partial(around, call)
+    return call(*args, **kwargs)
 
 
 def hooked_copy(module: torch.nn.Module, around) -> torch.nn.Module:
     """A copy of `module` whose forward runs around(call_original, *args, **kwargs).
 
-    The copy is shallow: it shares the parameters, buffers and child modules (the same dicts), so
-    weight patches, LoRAs and low-VRAM casting that ComfyUI applies by module path reach the same
-    tensors, and module names do not change. Hooking a hooked copy stacks: the newest runs
-    outermost. Install it with `model_patcher.add_object_patch(path, copy)`.
+    The copy shares the module's whole instance state (its __dict__: parameters, buffers, children,
+    and the per-module flags ComfyUI sets when it patches weights and casts for low VRAM), so weight
+    patches and LoRAs that ComfyUI applies by module path reach the same tensors, and its record of
+    which modules hold patched weights stays true whichever of the two sits in the model; module
+    names do not change. Only the class differs: the hooks live on a class made for this copy.
+    Hooking a hooked copy stacks: the newest runs outermost. Install it with
+    `model_patcher.add_object_patch(path, copy)`.
     """
     if isinstance(module, _Hooked):
         return _hooked(module._freevideo_original, module._freevideo_arounds + (around,))
@@ -130,12 +127,12 @@ def hooked_copy(module: torch.nn.Module, around) -> torch.nn.Module:
 
 
 def _hooked(original: torch.nn.Module, arounds: tuple) -> torch.nn.Module:
-    new = copy.copy(original)
-    new.__class__ = _hooked_class(type(original))
-    # Plain attributes: nn.Module.__setattr__ would register `original` as a child in the
-    # _modules dict the copy shares with it.
-    object.__setattr__(new, "_freevideo_original", original)
-    object.__setattr__(new, "_freevideo_arounds", arounds)
+    base = type(original)
+    cls = type(f"Hooked{base.__name__}", (_Hooked, base), {
+        "forward": eager(_hooked_forward), "_freevideo_base": base, "_freevideo_original": original,
+        "_freevideo_arounds": arounds})
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", original.__dict__)
     return new
 
 
