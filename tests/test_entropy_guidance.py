@@ -411,3 +411,26 @@ def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_lay
     joint = [s for s in shared_sizes if s[1] in (2, 4)][-4:]
     assert joint == [(i, 2 if i < first else 4) for i in range(4)], shared_sizes
     assert all(size == 4 for _, size in [s for s in sizes if s[1] in (2, 4)][-4:])
+
+
+def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
+    """The registry's per-layer entropy and the inspector's, each against the naive softmax entropy of
+    the conditional element's q and k recorded in the same forward (not against each other)."""
+    def naive_per_layer(calls):
+        out = {}
+        for i, call in enumerate(calls[:8]):  # one forward: 4 blocks x (self, cross)
+            if i % 2 == 0:
+                e = element(call, 0)
+                split = lambda t: t.view(t.shape[0], t.shape[1], call["heads"], -1).transpose(1, 2)  # noqa: E731
+                out[i // 2] = float(naive_entropy(split(e["q"]), split(e["k"])).mean())
+        return out
+    g = EntropyGuidance(wan21, 1.0, top_k=1)
+    model, calls = recorder(g.clone)
+    ksample(model, video_latent(), POS, NEG, steps=1, cfg=4.0)
+    assert sorted(calls[0]["groups"]) == [0, 1]
+    for layer, e in naive_per_layer(calls).items():
+        assert g.entropies[layer] == pytest.approx(e, abs=1e-4), layer
+    inspected, calls = recorder(wan21)
+    report = inspect_attention(inspected, video_latent(), POS, sigma=0.7, seed=3)
+    for layer, e in naive_per_layer(calls).items():
+        assert report.entropy[layer] == pytest.approx(e, abs=1e-4), layer
