@@ -23,6 +23,14 @@ def fresh_wan():
     return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
 
 
+def forget_released_patchers():
+    """Drop ComfyUI's loaded-model entries whose patcher earlier tests released (its weak reference
+    is dead while the shared model lives on): 0.33's MultiGPU node reads every entry's patcher and
+    fails on such an entry, which a test process piles up faster than a server does."""
+    loaded = comfy.model_management.current_loaded_models
+    loaded[:] = [entry for entry in loaded if entry.model is not None]
+
+
 def one_call(patcher, x, sigma, context):
     """One model call as a multi-GPU work unit makes it: apply_model with the patcher's wrappers."""
     options = dict(patcher.model_options.get("transformer_options", {}), cond_or_uncond=[0], sigmas=sigma,

@@ -14,7 +14,7 @@ from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
-from deep_clones import concurrent_calls_match_alone, fresh_wan, needs_deep_clones
+from deep_clones import concurrent_calls_match_alone, forget_released_patchers, fresh_wan, needs_deep_clones
 from sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
@@ -227,6 +227,7 @@ def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
     patched = NODES[node](model)
     single = sample(patched)
     threads.clear()
+    forget_released_patchers()
     split_model = MultiGPUCFGSplitNode.execute(patched, 2)[0]
     (deep,) = split_model.get_additional_models_with_key("multigpu")
     assert deep.load_device == torch.device("cpu", 0) and deep.model is not patched.model
@@ -234,6 +235,7 @@ def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
     assert len(threads) == 2, "the work units did not run on two threads"
     # cond and uncond run as separate batches on the two devices: float noise of batch size only.
     plain_single = sample(model)
+    forget_released_patchers()
     plain_split = sample(MultiGPUCFGSplitNode.execute(model, 2)[0])
     noise = float((plain_split - plain_single).abs().max())
     assert float((split - single).abs().max()) <= max(10 * noise, 1e-4)
