@@ -203,6 +203,11 @@ def test_pixel_bridge_round_trips_a_temporally_compressed_video(qwen, sd15, wan2
         torch.testing.assert_close(frames[5:], bridge.to_image(latent[1:]), rtol=1e-4, atol=1e-4)
         video, pixels = bridge.finish(frames)
         assert video.shape == latent.shape and tuple(pixels.shape) == (10, 16, 16, 3)
+        # Values: the same as the bridge written out with the VAEs themselves.
+        to_image, to_video = _wan_bridge(image_vae, vaes["wan"], 3 if len(shape) == 5 else 2)
+        torch.testing.assert_close(frames, to_image(latent), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(video, torch.cat([to_video(frames[5 * b:5 * b + 5]) for b in range(2)]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pixels, image_vae.decode(frames).reshape(-1, 16, 16, 3), rtol=1e-4, atol=1e-4)
 
 
 def test_direct_bridge_passes_latents_unchanged(sd15):
@@ -455,7 +460,7 @@ def test_other_comfyui_samplers_run_in_both_stages(sd15, image_sampler, image_sc
     image = stage(recording(sd15, "image", calls), T.SD15_CONTEXT_DIM, 2.0, 6, image_sampler, image_scheduler)
     video = stage(recording(sd15, "video", calls), T.SD15_CONTEXT_DIM, 1.0, 3, video_sampler, video_scheduler)
     out, _ = evs_sample(image, video, sd15_video(), 0.5, 2, 2, 1, seed=0)
-    assert torch.isfinite(out["samples"]).all()
+    assert torch.isfinite(out["samples"]).all() and not torch.equal(out["samples"], sd15_video()["samples"])
     full = comfy.samplers.KSampler(sd15, 6, "cpu", sampler=image_sampler, scheduler=image_scheduler).sigmas
     assert calls[0].tag == "image" and calls[0].sigma == pytest.approx(float(full[3]), rel=1e-5)
     assert calls[-1].tag == "image" and [c.tag for c in calls].count("video") >= 2
@@ -473,6 +478,10 @@ def test_node_schema_execute_and_workflows(sd15):
                              video_cfg=1.0, video_sampler="euler", video_scheduler="sgm_uniform", t_V=2, n_V=1,
                              sfi=False, sfi_gamma=0.8, sfi_layers="all", sfi_setting="custom (sfi_layers, sfi_gamma)")
     assert out.result[0]["samples"].shape == (3, 4, 4, 4) and out.result[1] is None
+    # The node passes its inputs through unchanged: the same result as the function called directly.
+    direct, _ = evs_sample(Stage(sd15, c, c, 1.0, "euler", "normal", 4), Stage(sd15, c, c, 1.0, "euler", "sgm_uniform", 2),
+                           sd15_video(), 0.5, 1, 2, 1, seed=1)
+    assert torch.equal(out.result[0]["samples"], direct["samples"])
     # workflows: the EVS node's widget values follow the schema's widget inputs (seed adds its control)
     widgets = [i.id for i in schema.inputs if type(i).__name__ == "Input" and i.get_io_type() in
                ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
