@@ -41,7 +41,7 @@ from in_process import COMFY, ROOT
 NOT_COPIED = {".git", "custom_nodes", "user", "output", "input", "temp", "models", "extra_model_paths.yaml"}
 COMFY_CLI = "comfy-cli==1.23.0"
 PAPERS = ("Enhance-A-Video: Better Generated Video for Free", "Understanding Attention Mechanism in Video Diffusion Models",
-          "Encapsulated Composition of Text-to-Image and Text-to-Video Models")
+          "Encapsulated Composition of Text-to-Image and Text-to-Video Models", "RepVideo")
 COMFY_CLI_VENV = Path(os.environ.get("FREEVIDEO_COMFY_CLI_VENV", ROOT / ".runtime" / "comfy-cli"))
 
 

@@ -227,7 +227,9 @@ def inspector_report(server, loader: str) -> tuple[list[int], list[float], list[
                                     positive=[POSITIVE, 0], top_k=1)
     shown = g.add("PreviewAny", source=[inspector, 1])
     (text,) = server.run(g.nodes)["outputs"][shown]["text"]
-    rows = [line.split() for line in text.splitlines()[2:]]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "entropy"])
+    rows = [line.split() for line in lines[header + 1:]]
     top = [int(r[0]) for r in rows if "registered" in " ".join(r)]
     return top, [float(r[1]) for r in rows], [float(r[2]) for r in rows]
 
