@@ -6,15 +6,33 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import train_demo_models  # noqa: E402
 
 
+def _wan_rope_is_differentiable() -> bool:
+    """Newer ComfyUI may compute Wan's RoPE with a comfy_kitchen kernel that has no backward."""
+    from comfy.ldm.flux.math import apply_rope1
+    x = torch.randn(1, 2, 1, 4, requires_grad=True)
+    freqs = torch.randn(1, 2, 1, 2, 2, 2)
+    try:
+        apply_rope1(x, freqs).sum().backward()
+    except RuntimeError as e:
+        if "autograd" not in str(e):
+            raise
+        return False
+    return True
+
+
 def test_smoke_training_writes_models_comfyui_loads(tmp_path):
     import comfy.sd
     import comfy.utils
+    if not _wan_rope_is_differentiable():
+        pytest.skip("this ComfyUI computes Wan's RoPE with a kernel that has no backward (comfy_kitchen): the "
+                    "demo models train on the embedded ComfyUI 0.3.75 runtime (bash scripts/test.sh sets it up)")
     report = train_demo_models.main(["--smoke", "--out", str(tmp_path)])
     assert report["vae_history"] and report["dit_history"]
     assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == 1
