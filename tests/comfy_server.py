@@ -63,11 +63,14 @@ class ComfyServer:
         for folder, files in self.models.items():
             for f in files:
                 self._link(Path(f).resolve(), self.base / "models" / folder / Path(f).name)
+        self.run_main(COMFY, ["--base-directory", str(self.base), "--output-directory", str(self.output_dir)], timeout)
+
+    def run_main(self, comfy: Path, extra_args: list[str], timeout: float, env: dict | None = None):
+        """Start `comfy`'s main.py on this server's port (CPU, SDPA) and wait until it answers."""
         cmd = [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--disable-auto-launch",
-               "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(self.base),
-               "--output-directory", str(self.output_dir)]
+               "--listen", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=comfy, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -139,22 +138,7 @@ class InstalledComfyServer(ComfyServer):
         self.comfy, self.extra_args = comfy, extra_args
 
     def start(self, timeout: float = 180):
-        cmd = [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--disable-auto-launch",
-               "--listen", "127.0.0.1", "--port", str(self.port), *self.extra_args]
-        self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy, env=offline_env(), stdout=self.log_file,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
+        self.run_main(self.comfy, self.extra_args, timeout, env=offline_env())
 
 
 def has_builtin_manager(comfy: Path) -> bool:
