@@ -10,6 +10,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 import tiny_models
 
 
@@ -66,3 +67,33 @@ def concurrent_calls_match_alone(patched, rounds: int = 6):
         for r in range(rounds):
             assert torch.equal(results[i][r], alone[i]), (i, r)
     return alone, inputs
+
+
+def deep_clone_acts_on_its_own_weights(patch, sample, weight_effect: bool = True):
+    """A deep clone of patch(fresh model): each hooked module holds the clone's own parameters, not
+    the source model's; with weight_effect, a weight changed only on the clone shows in its sampled
+    output exactly as the same patch on a model loaded with that weight."""
+    patched = patch(fresh_wan())
+    hooked = {path: obj for path, obj in patched.object_patches.items() if hasattr(obj, "_freevideo_arounds")}
+    assert hooked
+    deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
+    assert deep.model is not patched.model
+    for path, obj in hooked.items():
+        module = comfy.utils.get_attr(deep.model, path)
+        copy = deep.object_patches[path]
+        # The whole module state (parameters, buffers, children, ComfyUI's flags) is the clone's own.
+        assert copy.__dict__ is module.__dict__ and copy.__dict__ is not obj.__dict__, path
+        own, mine = dict(module.named_parameters()), dict(copy.named_parameters())
+        assert all(p is own[name] for name, p in mine.items()), path
+        assert all(p is not dict(obj.named_parameters())[name] for name, p in mine.items()), path
+    if not weight_effect:
+        return
+    weight = "diffusion_model.blocks.1.self_attn.o.weight"
+    with torch.no_grad():
+        comfy.utils.get_attr(deep.model, weight).mul_(1.5)
+    reference = fresh_wan()
+    with torch.no_grad():
+        comfy.utils.get_attr(reference.model, weight).mul_(1.5)
+    changed = sample(deep)
+    assert torch.equal(changed, sample(patch(reference)))
+    assert not torch.equal(changed, sample(patched))

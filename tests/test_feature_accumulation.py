@@ -20,7 +20,7 @@ from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.feature_accumulation import (GroupAccumulator, apply_feature_accumulation, parse_gates,
                                                           plan)
 from freevideo.enhance_core.models import adapter_for
-from deep_clones import concurrent_calls_match_alone, fresh_wan, needs_deep_clones, one_call
+from deep_clones import concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, fresh_wan, needs_deep_clones, one_call
 from sampling import ksample, text_conditioning, video_latent
 from test_families import FAMILIES
 from test_families import sample as family_sample
@@ -410,23 +410,7 @@ def test_nothing_survives_the_model_call(wan21):
 
 def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(mode="attention input"):
     needs_deep_clones()
-    import comfy.utils
-    patched = apply_feature_accumulation(fresh_wan(), "0.5", 2, mode)
-    deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
-    hooked = [p for p, obj in deep.object_patches.items() if hasattr(obj, "_freevideo_arounds")]
-    assert hooked
-    for path in hooked:
-        own = dict(comfy.utils.get_attr(deep.model, path).named_parameters())
-        assert all(p is own[name] for name, p in deep.object_patches[path].named_parameters()), path
-    weight = "diffusion_model.blocks.1.self_attn.o.weight"
-    with torch.no_grad():
-        comfy.utils.get_attr(deep.model, weight).mul_(1.5)
-    reference = fresh_wan()
-    with torch.no_grad():
-        comfy.utils.get_attr(reference.model, weight).mul_(1.5)
-    changed = sample(deep)
-    assert torch.equal(changed, sample(apply_feature_accumulation(reference, "0.5", 2, mode)))
-    assert not torch.equal(changed, sample(patched))
+    deep_clone_acts_on_its_own_weights(lambda m: apply_feature_accumulation(m, "0.5", 2, mode), sample)
 
 
 @pytest.mark.parametrize("mode", ["attention input", "block input"])

@@ -14,7 +14,8 @@ from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
-from deep_clones import concurrent_calls_match_alone, forget_released_patchers, fresh_wan, needs_deep_clones
+from deep_clones import (concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, forget_released_patchers,
+                         fresh_wan, needs_deep_clones)
 from sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
@@ -110,29 +111,8 @@ PATCHES = dict(NODES, evs_feature_injection=_sfi_clone)
 @pytest.mark.parametrize("node", sorted(PATCHES))
 def test_deep_clone_hooks_act_on_the_deep_clones_own_weights(node):
     needs_deep_clones()
-    patched = PATCHES[node](fresh_wan())
-    hooked = {path: obj for path, obj in patched.object_patches.items() if hasattr(obj, "_freevideo_arounds")}
-    assert hooked
-    deep = patched.deepclone_multigpu(new_load_device=torch.device("cpu"))
-    assert deep.model is not patched.model
-    for path, obj in hooked.items():
-        own = comfy.utils.get_attr(deep.model, path)
-        mine = dict(deep.object_patches[path].named_parameters())
-        assert mine and all(p is dict(own.named_parameters())[name] for name, p in mine.items()), path
-        assert all(p is not dict(obj.named_parameters())[name] for name, p in mine.items()), path
-    if node == "evs_feature_injection":
-        return  # its effect needs an inversion first; the identity above is what a deep clone needs
-    # A weight change made only on the deep clone shows in its patched output, exactly as the same
-    # node on a model loaded with that weight.
-    weight = "diffusion_model.blocks.1.self_attn.o.weight"
-    with torch.no_grad():
-        comfy.utils.get_attr(deep.model, weight).mul_(1.5)
-    reference = fresh_wan()
-    with torch.no_grad():
-        comfy.utils.get_attr(reference.model, weight).mul_(1.5)
-    changed = sample(deep)
-    assert torch.equal(changed, sample(PATCHES[node](reference)))
-    assert not torch.equal(changed, sample(patched))
+    # EVS feature injection's effect needs an inversion first: the identity is what a deep clone needs.
+    deep_clone_acts_on_its_own_weights(PATCHES[node], sample, weight_effect=node != "evs_feature_injection")
 
 
 def test_rehooking_keeps_stacked_hooks_in_order():
