@@ -101,10 +101,30 @@ def timed_sampling(config: str, model, latent: dict, steps: int) -> dict:
     ksample(model, {"samples": torch.zeros(1, 16, latent["samples"].shape[2], 8, 8)}, pos, neg, steps=1)
     base = rss_bytes()
     with PeakRSS() as peak:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ksample(model, latent, pos, neg, steps=steps, cfg=5.0)
-        seconds = time.perf_counter() - t0
-    return {"config": config, "seconds": seconds, "peak": peak.peak, "base": base}
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"config": config, "seconds": seconds, "cpu": cpu, "peak": peak.peak, "base": base}
+
+
+def interleaved_runs(script: str, configs: list[str], shape: dict, repeats: int) -> dict:
+    """Each configuration measured `repeats` times, each in a fresh process (`script --child config`,
+    which prints timed_sampling's result as its last line); the order rotates every round."""
+    results = {c: [] for c in configs}
+    for r in range(repeats):
+        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+            cmd = [sys.executable, script, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
+            m = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            results[config].append(m)
+            print(f"  run {r + 1} {config:16s} {m['seconds']:7.2f} s (CPU {m['cpu']:7.2f} s)  peak {m['peak'] / 2**30:6.3f} GiB",
+                  flush=True)
+    return results
+
+
+def paired_ratios(results: dict, config: str, key: str = "seconds") -> list[float]:
+    """config / plain within each round (the two ran next to each other): less exposed to a shared
+    machine's slow drifts than a ratio of medians."""
+    return [m[key] / p[key] for m, p in zip(results[config], results["plain"])]
 
 
 def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int) -> dict:
@@ -165,22 +185,16 @@ def main():
         configs.append("kjnodes")
     else:
         print(f"  KJNodes left out: no ComfyUI-KJNodes-*.tar.gz in {PEERS} (set FREEVIDEO_PEERS)")
-    results = {c: [] for c in configs}
-    for r in range(a.repeats):
-        order = configs[r % len(configs):] + configs[:r % len(configs)]
-        for config in order:
-            cmd = [sys.executable, __file__, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            m = json.loads(out)
-            results[config].append(m)
-            print(f"  run {r + 1} {config:8s} {m['seconds']:7.2f} s  peak {m['peak'] / 2**30:6.2f} GiB")
+    results = interleaved_runs(__file__, configs, shape, a.repeats)
     med = {c: statistics.median(m["seconds"] for m in ms) for c, ms in results.items()}
     peak = {c: statistics.median(m["peak"] for m in ms) for c, ms in results.items()}
     work = {c: statistics.median(m["peak"] - m["base"] for m in ms) for c, ms in results.items()}
     for c in configs[1:]:
         name = {"enhance": "ours", "kjnodes": "KJNodes"}[c]
         print(f"median sampling time: plain {med['plain']:.2f} s, {name} {med[c]:.2f} s, "
-              f"ratio {med[c] / med['plain']:.4f} (overhead {100 * (med[c] / med['plain'] - 1):+.2f}%)")
+              f"ratio {med[c] / med['plain']:.4f} (overhead {100 * (med[c] / med['plain'] - 1):+.2f}%); "
+              f"median of per-round ratios: wall {statistics.median(paired_ratios(results, c)):.4f}, "
+              f"CPU {statistics.median(paired_ratios(results, c, 'cpu')):.4f}")
     c, k = component_ratio(12, a.frames, a.height, a.width)
     print(f"per layer call: CFI {c * 1000:.0f} ms vs the SDPA kernel on the same q, k, v {k * 1000:.0f} ms "
           f"(ratio {c / k:.4f}; the kernel is only part of a layer)")

@@ -108,6 +108,7 @@ def main():
     from freevideo.nodes.evs_sampler import EVSSampler
 
     torch.set_grad_enabled(False)
+    torch.set_flush_denormal(True)  # random weights: denormals would make some configurations look slower
     if opts.threads:
         torch.set_num_threads(opts.threads)
     log = Log()

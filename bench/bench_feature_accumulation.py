@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_enhance_a_video import timed_sampling, wan_bench_model  # noqa: E402
+from bench_enhance_a_video import interleaved_runs, paired_ratios, timed_sampling, wan_bench_model  # noqa: E402
 
 CONFIGS = {"plain": None, "attention input": "attention input", "block input": "block input"}
 
@@ -54,20 +53,14 @@ def main():
           f"{a.steps} steps, CFG 5 (cond+uncond batched), SDPA attention, {os.cpu_count()} CPU threads; gate {a.gate}, "
           f"groups of 6; one hidden state = {hidden / 2**20:.0f} MiB")
     names = list(CONFIGS)
-    results = {c: [] for c in names}
-    for r in range(a.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for config in order:
-            cmd = [sys.executable, __file__, "--child", config] + [f"--{k}={v}" for k, v in shape.items()]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            m = json.loads(out)
-            results[config].append(m)
-            print(f"  run {r + 1} {config:16s} {m['seconds']:7.2f} s  peak {m['peak'] / 2**30:6.3f} GiB", flush=True)
+    results = interleaved_runs(__file__, names, shape, a.repeats)
     med = {c: statistics.median(m["seconds"] for m in ms) for c, ms in results.items()}
     peak = {c: statistics.median(m["peak"] for m in ms) for c, ms in results.items()}
     work = {c: statistics.median(m["peak"] - m["base"] for m in ms) for c, ms in results.items()}
     for c in names[1:]:
-        print(f"{c}: median time {med[c]:.2f} s vs plain {med['plain']:.2f} s, ratio {med[c] / med['plain']:.4f}; "
+        print(f"{c}: median time {med[c]:.2f} s vs plain {med['plain']:.2f} s, ratio {med[c] / med['plain']:.4f} "
+              f"(median of per-round ratios: wall {statistics.median(paired_ratios(results, c)):.4f}, "
+              f"CPU {statistics.median(paired_ratios(results, c, 'cpu')):.4f}); "
               f"median peak RSS ratio {peak[c] / peak['plain']:.4f}, sampling working set "
               f"{(work[c] - work['plain']) / 2**20:+.0f} MiB vs plain ({(work[c] - work['plain']) / hidden:+.2f} hidden states)")
 

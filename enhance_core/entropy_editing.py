@@ -15,7 +15,9 @@ would take about 150 GB for Wan 1.3B at 81 frames):
   the sampler's schedule with the sampler's CFG: with the euler sampler, exactly the trajectory the
   sampler takes with the source prompt;
 - a source latent (a real video): DDIM-inverted with the source prompt (the EVS sampler's inversion
-  step) along the schedule at the first step; the inverted latents are the trajectory.
+  step) up the run's schedule before the first step; the inverted latents are the trajectory, and
+  the target starts from the last of them instead of the sampler's noise (paper: editing a real
+  video starts from its inversion).
 """
 
 import logging
@@ -26,6 +28,7 @@ import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
+import comfy.utils
 
 from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
 from .attention_hooks import SelfAttentionLayers, SigmaWindow
@@ -83,6 +86,9 @@ class EntropyEditing:
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
                                         lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
+        if self.source_latent is not None:
+            self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
+                                            lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
 
     # sampling run -------------------------------------------------------------------------------
     def _new_run(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -120,31 +126,51 @@ class EntropyEditing:
         return out
 
     def _source_at(self, run, args, level):
-        if not run.levels:
-            if self.source_latent is None:
-                run.levels[level] = args["input"]  # the sampler's own noise: the same start
-            else:
-                self._invert(run, args)
+        if not run.levels and self.source_latent is None:
+            run.levels[level] = args["input"]  # the sampler's own noise: the same start
         return run.levels.get(level)
 
-    def _invert(self, run, args):
-        model, options = args["model"], args["model_options"]
-        x = model.process_latent_in(self.source_latent.to(args["input"]))
-        if x.shape[1:] != args["input"].shape[1:]:
+    def _start_at_source(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs):
+        """A real video: DDIM-invert it with the source prompt up the run's schedule, and start the
+        target where the inversion ends (the paper edits a real video from its inverted noise).
+        The sampler's first latent is noise_scaling(sigma_0, noise, latent_image), linear in the
+        noise, whatever the model's sampling: the noise that makes it the inverted latent replaces
+        the sampler's own."""
+        run = self.run
+        if run is not None:
+            model = guider.inner_model
+            start = self._invert(run, model, extra_args["model_options"], noise, sigmas)
+            scaling = model.model_sampling.noise_scaling
+            max_denoise = executor.class_obj.max_denoise(guider, sigmas)
+            offset = scaling(sigmas[0], torch.zeros_like(start), latent_image, max_denoise)
+            slope = scaling(sigmas[0], torch.ones_like(start), latent_image, max_denoise) - offset
+            noise = (start - offset) / slope
+            log.info("IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; the target "
+                     "starts from the inverted latent, not from the sampler's noise", len(run.levels), float(sigmas[0]))
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+
+    def _invert(self, run, model, options, like, sigmas):
+        """The source latent DDIM-inverted up every level of `sigmas`, into run.levels; returns the
+        latent at the first (highest) level."""
+        x = model.process_latent_in(self.source_latent.to(like))
+        if x.shape[1:] != like.shape[1:]:
             raise ValueError(f"source_latent: shape {tuple(self.source_latent.shape)} does not match the sampled latent "
-                             f"{tuple(args['input'].shape)}; encode the source video at the size you sample")
-        x = x.expand_as(args["input"]).clone()
-        up = [float(s) for s in run.sigmas.flip(0) if float(s) > 0]
+                             f"{tuple(like.shape)}; encode the source video at the size you sample")
+        x = x.expand_as(like).clone()
         source = run.guider.conds[SOURCE_CONDS]
 
         def predict(z, level):
-            s = torch.full((z.shape[0],), level, device=z.device, dtype=args["sigma"].dtype)
+            s = torch.full((z.shape[0],), level, device=z.device, dtype=sigmas.dtype)
             return self.runner.evaluate(model, [source], z, s, options)[0]
+        levels = [float(s) for s in sigmas.flip(0) if float(s) > 0]
+        progress = comfy.utils.ProgressBar(len(levels))
         previous = 0.0
-        for level in up:
+        for level in levels:
             x, _ = ddim_inversion_step(predict, x, previous, level, model.model_sampling)
             run.levels[level] = x
             previous = level
+            progress.update(1)
+        return x
 
     def _advance(self, run, level, x_src, source_out):
         """The source's next latent on the schedule: an Euler step with the source's CFG prediction

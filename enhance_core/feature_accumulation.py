@@ -95,24 +95,37 @@ class GroupAccumulator:
         self.group_size = group_size
         self.sum = None
         self.count = 0
-        self.last = None  # (layer, its output): a reference, only to follow a change of batch rows
+        # (layer, its output): to follow a change of batch rows (the output may be gone from the
+        # model by then), and to tell that a block's input is the previous block's output as it
+        # left our hook. Dropped with the sum after the last mixing layer.
+        self.last = None
 
-    def add(self, layer: int, out: torch.Tensor) -> None:
+    def add(self, layer: int, out: torch.Tensor, whole: torch.Tensor | None = None) -> None:
+        """Add `out` (a layer's video tokens) to the sum; `whole` is the tensor the layer returned
+        (default: out)."""
         if layer % self.group_size == 0 or self.sum is None:
-            self.sum = out.clone(memory_format=torch.contiguous_format)
+            if self.sum is not None and self.sum.shape == out.shape and self.sum.dtype == out.dtype:
+                self.sum.copy_(out)  # reuse the buffer: no second sum while the restart is made
+            else:
+                self.sum = None
+                self.sum = out.clone(memory_format=torch.contiguous_format)
             self.count = 1
         else:
             self.sum.add_(out)
             self.count += 1
-        self.last = (layer, out)
+        self.last = (layer, out if whole is None else whole)
+
+    def last_output(self, layer: int):
+        """Layer `layer`'s output as it left our hook, if that was the last one added."""
+        return self.last[1] if self.last is not None and self.last[0] == layer else None
 
     def follow_rows(self, layer: int, h: torch.Tensor) -> bool:
-        """A block input with other batch rows than the sum: the blocks before ran on fewer rows
-        and their results were copied into the rest (guidance branches that copy a cond, run by a
-        shared-prefix block patch). Give every row of h the sum of the previous output's row it
-        equals; False (and the sum dropped) where that cannot be told."""
-        if self.last is not None and self.last[0] == layer - 1 and h.shape[1:] == self.last[1].shape[1:]:
-            last = self.last[1]
+        """A block input h (whole) with other batch rows than the sum: the blocks before ran on
+        fewer rows and their results were copied into the rest (guidance branches that copy a cond,
+        run by a shared-prefix block patch). Give every row of h the sum of the previous output's
+        row it equals; False (and the sum dropped) where that cannot be told."""
+        last = self.last_output(layer - 1)
+        if last is not None and h.shape[1:] == last.shape[1:]:
             rows = [next((j for j in range(last.shape[0]) if torch.equal(h[r], last[j])), None) for r in range(h.shape[0])]
             if None not in rows:
                 self.sum = self.sum[rows]
@@ -120,15 +133,21 @@ class GroupAccumulator:
         self.sum, self.count, self.last = None, 0, None
         return False
 
-    def mix(self, h: torch.Tensor, gate: float) -> torch.Tensor:
-        """gate * mean + (1 - gate) * h, as one new tensor."""
-        return torch.mul(h, 1.0 - gate).add_(self.sum, alpha=gate / self.count)
+    def mix(self, h: torch.Tensor, gate: float, in_place: bool = False) -> torch.Tensor:
+        """gate * mean + (1 - gate) * h: into h itself when `in_place`, else as one new tensor."""
+        scaled = h.mul_(1.0 - gate) if in_place else torch.mul(h, 1.0 - gate)
+        return scaled.add_(self.sum, alpha=gate / self.count)
+
+    def drop(self) -> None:
+        self.sum, self.count, self.last = None, 0, None
 
 
 def plan(selected_gates: dict[int, float], group_size: int) -> tuple[dict[int, float], set[int]]:
     """(layers that mix -> gate, layers whose output must enter the sum). Layer 0's cache is its
-    own input: it never mixes. A layer's output is needed when a mixing layer after it, in the same
-    group, averages it."""
+    own input: it never mixes. A layer right after a restart still mixes: its cache holds the
+    previous output, which is not its input where the model changes the state between blocks
+    (Cosmos 1 adds a position embedding in place). A layer's output is needed when a mixing layer
+    after it, in the same group, averages it."""
     mixing = {i: g for i, g in selected_gates.items() if g > 0 and i > 0}
     needed = set()
     for i in mixing:
@@ -188,6 +207,7 @@ class FeatureAccumulation:
         self.window = SigmaWindow(model, start_percent, end_percent)
         self.adapter, self.mode, self.group_size = adapter, mode, group_size
         self.mixing, self.needed = plan(gates, group_size)
+        self.last_mixing = max(self.mixing, default=None)
         self.clone = model.clone()
         self.window.follow(self.clone)
         self.call = _Call()
@@ -274,12 +294,18 @@ class FeatureAccumulation:
             if span is False:
                 return forward(*args, **kwargs)
             acc = call.acc
-            if acc.sum is not None and acc.sum.shape != self._video(h, span).shape and not acc.follow_rows(layer, self._video(h, span)):
+            if acc.sum is not None and acc.sum.shape != self._video(h, span).shape and not acc.follow_rows(layer, h):
                 self._warn_rows(layer)
             if gate is not None and acc.count:
-                mixed = acc.mix(self._video(h, span), gate)
+                # Block input: when h is the previous block's output exactly as it left our hook
+                # (nothing between the blocks made a new tensor of it), its only other holder is
+                # the model's loop variable, which the block's output replaces: mix into it rather
+                # than beside it, one hidden state less at the block's peak. Not under autograd.
+                in_place = (self.mode == "block input" and acc.last_output(layer - 1) is h
+                            and not (torch.is_grad_enabled() and h.requires_grad))
+                mixed = acc.mix(self._video(h, span), gate, in_place)
                 if self.mode == "block input":
-                    new = self._with_video(h, span, mixed)
+                    new = h if in_place else self._with_video(h, span, mixed)
                     if args:
                         args = (new,) + args[1:]
                     else:
@@ -309,7 +335,9 @@ class FeatureAccumulation:
                 out = forward(*args, **kwargs)
             if record:
                 hidden_out = out if torch.is_tensor(out) else out[0]
-                acc.add(layer, self._video(hidden_out, span))
+                acc.add(layer, self._video(hidden_out, span), hidden_out)
+            if layer == self.last_mixing:
+                acc.drop()  # no later layer reads the sum
             return out
         return around
 

@@ -12,6 +12,9 @@ scripts/train_demo_models.py), with each node's effect measured.
    (+ report.json): scripts/demo_metrics.py's metrics, plain vs patched, mean and standard deviation
    over the seeds, the paired difference and its standard error.
 
+3. IE-Adapt editing recolours each seed's video (a generated source and a rendered "real" clip) and
+   is compared with the target prompt sampled plainly from the same seed (output/demo/entropy_editing*/).
+
 Options: --seeds N (default 8), --skip-server, --out DIR, --models DIR, --threads N (default 1).
 """
 
@@ -82,9 +85,9 @@ def empty_latent():
     return {"samples": torch.zeros(LATENT_SHAPE)}
 
 
-def sample(model, seed, labels):
+def sample(model, seed, labels, sampler=SAMPLER):
     import nodes
-    (out,) = nodes.KSampler().sample(model, seed, STEPS, CFG, SAMPLER, SCHEDULER, conditioning(labels), conditioning(),
+    (out,) = nodes.KSampler().sample(model, seed, STEPS, CFG, sampler, SCHEDULER, conditioning(labels), conditioning(),
                                      empty_latent(), denoise=1.0)
     return out["samples"]
 
@@ -199,20 +202,77 @@ def write_png(path: Path, image: torch.Tensor, labels: list[str] | None = None, 
     img.save(path)
 
 
-def save_media(folder: Path, plain: torch.Tensor, patched: torch.Tensor):
-    """side_by_side.mp4: plain (top) and patched (bottom) of the first 4 seeds; frames.png: frames
-    0, 4, 8, 12, 16 of seeds 0 and 1, plain and patched rows."""
+def save_media(folder: Path, videos: list[tuple[str, torch.Tensor]]):
+    """side_by_side.mp4: one row per (name, videos) entry (plain on top), first 4 seeds; frames.png:
+    frames 0, 4, 8, 12, 16 of seeds 0 and 1, one row per entry."""
     folder.mkdir(parents=True, exist_ok=True)
-    n = min(4, len(plain))
-    write_mp4(folder / "side_by_side.mp4", grid([[to_uint8(plain[i], 3) for i in range(n)],
-                                                 [to_uint8(patched[i], 3) for i in range(n)]]))
-    picks = list(range(0, plain.shape[1], 4))
+    n = min(4, len(videos[0][1]))
+    write_mp4(folder / "side_by_side.mp4", grid([[to_uint8(video[i], 3) for i in range(n)] for _, video in videos]))
+    picks = list(range(0, videos[0][1].shape[1], 4))
     rows, labels = [], []
-    for i in range(min(2, len(plain))):
-        for name, video in (("plain", plain), ("patched", patched)):
+    for i in range(min(2, len(videos[0][1]))):
+        for name, video in videos:
             rows.append([to_uint8(video[i][picks], 2)[j] for j in range(len(picks))])
             labels.append(f"{name} s{i}")
     write_png(folder / "frames.png", grid(rows), labels, row_height=128 + 4)
+
+
+# --- IE-Adapt editing -----------------------------------------------------------------------------
+
+EDIT_RATIO = 0.5  # the paper's
+
+
+def recoloured(labels):
+    """The editing target: the next palette colour, same shape and direction."""
+    names = list(demo_clips.COLOURS)
+    return (names[(names.index(labels[0]) + 1) % len(names)],) + tuple(labels[1:])
+
+
+def editing_demo(node, model, vae, seeds, prompts, out) -> list[dict]:
+    """Recolour each seed's video with IE-Adapt editing (euler: the sampler a generated source follows
+    exactly), from a generated source (the seed's plain euler sample) and from a "real" video (a
+    rendered clip, VAE-encoded, DDIM-inverted by the node). The baseline is the target prompt sampled
+    plainly from the same seed. Measured: whether the target colour is seen, and how far the shape's
+    track is from the source's (layout and motion kept)."""
+    results = []
+    for kind in ("generated", "real video"):
+        t0 = time.time()
+        sources, plains, edits = [], [], []
+        for s, lab in zip(seeds, prompts):
+            if kind == "generated":
+                latent = None
+                sources.append(decode(vae, sample(model, s, lab, "euler"))[0])
+            else:
+                clip = demo_clips.render_clip(*lab, seed=10_000 + s)["video"].permute(1, 2, 3, 0)
+                latent = {"samples": vae.encode(clip)}
+                sources.append(clip)
+            target = recoloured(lab)
+            plains.append(decode(vae, sample(model, s, target, "euler"))[0])
+            edited_model = node.execute(model, conditioning(lab), EDIT_RATIO, 0.0, 1.0, latent).result[0]
+            edits.append(decode(vae, sample(edited_model, s, target, "euler"))[0])
+        sources, plains, edits = torch.stack(sources), torch.stack(plains), torch.stack(edits)
+        row = {"kind": kind, "seconds": time.time() - t0}
+        for name, videos in (("plain", plains), ("edited", edits)):
+            found = [demo_metrics.detect(v) for v in videos]
+            colour = [float(f["colour"] == recoloured(lab)[0]) for f, lab in zip(found, prompts)]
+            track = [demo_metrics.track_distance(v, src) for v, src in zip(videos, sources)]
+            row[name] = {"target_colour": colour, "track_distance": track}
+        slug = "entropy_editing" if kind == "generated" else "entropy_editing_real"
+        save_media(out / slug, [("source", sources), ("plain", plains), ("edited", edits)])
+        results.append(row)
+        log(f"IE-Adapt editing ({kind} source): {row['seconds']:.1f} s; " + editing_line(row))
+    return results
+
+
+def editing_line(row) -> str:
+    parts = []
+    for name in ("plain", "edited"):
+        colour = row[name]["target_colour"]
+        track = torch.tensor([t for t in row[name]["track_distance"] if t == t], dtype=torch.float64)
+        spread = f" ± {track.std().item():.1f}" if len(track) > 1 else ""
+        parts.append(f"{name}: target colour {sum(colour):.0f}/{len(colour)}, track distance to the source "
+                     f"{track.mean().item():.1f}{spread} px (n {len(track)})")
+    return "; ".join(parts)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -255,7 +315,7 @@ def fmt(mean_std):
     return f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
 
 
-def report_markdown(plain_summary, results, inspector_table, seeds, timings) -> str:
+def report_markdown(plain_summary, results, editing, inspector_table, seeds, timings) -> str:
     lines = ["# FreeVideo demo report", "",
              f"Trained tiny Wan 2.1 models (demo_models/), 64x64, 17 frames; {STEPS} steps {SAMPLER}/{SCHEDULER}, "
              f"CFG {CFG}, shift {SHIFT}; {seeds} seeds, prompt i for seed i (colour shape direction). "
@@ -270,6 +330,12 @@ def report_markdown(plain_summary, results, inspector_table, seeds, timings) -> 
                   "| metric | plain | patched | diff ± se |", "|---|---|---|---|"]
         lines += [f"| {k} | {fmt(s['plain'])} | {fmt(s['patched'])} | {s['diff']:+.3f} ± {s['se']:.3f} |" for k, s in stats.items()]
         lines += ["", f"Verdict: {verdict(stats)}."]
+    if editing:
+        lines += ["", f"## IE-Adapt Video Editing: ratio {EDIT_RATIO}, recolour (the next palette colour, same shape and "
+                  "direction), euler", "",
+                  "Rows per seed in `output/demo/entropy_editing*/frames.png`: source, the target prompt sampled plainly "
+                  "from the same seed, edited.", ""]
+        lines += [f"- {row['kind']} source ({row['seconds']:.1f} s): {editing_line(row)}" for row in editing]
     if inspector_table:
         lines += ["", "## Attention Inspector", "", "Chart: `output/demo/attention_inspector/chart.png`.", "",
                   "```", inspector_table.strip(), "```"]
@@ -375,10 +441,16 @@ def main(argv=None):
         timings[slug] = seconds
         stats = compare(plain_rows, rows)
         results.append((slug, title, setting, stats, seconds))
-        save_media(out / slug, plain, patched)
+        save_media(out / slug, [("plain", plain), ("patched", patched)])
         saved[slug] = {"title": title, "setting": setting, "stats": stats, "seconds": seconds,
                        "detected": [r["detected"] for r in rows]}
         log(f"{title} ({setting}): {seconds:.1f} s; {verdict(stats)}")
+
+    editing = []
+    if "FreeVideoEntropyEditing" in classes:
+        t0 = time.time()
+        editing = editing_demo(classes["FreeVideoEntropyEditing"], model, vae, seeds, prompts, out)
+        timings["entropy editing"] = time.time() - t0
 
     inspector_table = None
     if "FreeVideoAttentionInspector" in classes:
@@ -391,13 +463,13 @@ def main(argv=None):
         log(f"attention inspector: chart in {timings['attention inspector']:.1f} s")
 
     timings["total"] = time.time() - started
-    (out / "report.md").write_text(report_markdown(plain_summary, results, inspector_table, len(seeds), timings))
+    (out / "report.md").write_text(report_markdown(plain_summary, results, editing, inspector_table, len(seeds), timings))
     (out / "report.json").write_text(json.dumps({"settings": {"steps": STEPS, "cfg": CFG, "sampler": SAMPLER,
                                                               "scheduler": SCHEDULER, "shift": SHIFT, "seeds": seeds,
                                                               "prompts": prompts},
                                                  "plain": plain_summary,
                                                  "plain_detected": [r["detected"] for r in plain_rows],
-                                                 "methods": saved, "timings": timings}, indent=1) + "\n")
+                                                 "methods": saved, "editing": editing, "timings": timings}, indent=1) + "\n")
     log(f"report: {out / 'report.md'}; total {timings['total']:.0f} s")
 
 

@@ -13,7 +13,9 @@ Videos are ComfyUI IMAGE tensors: [frames, height, width, 3], values in [0, 1].
   constant velocity plus a small hop, so a smooth path scores low);
 - area_change: the shape's area, std / mean over frames (the shapes keep their size);
 - sharpness: high-frequency energy, mean squared 4-neighbour Laplacian of the grey frames x 1000;
-- colour_ok, shape_ok, direction_ok: whether the detected labels match the prompt's.
+- colour_ok, shape_ok, direction_ok: whether the detected labels match the prompt's;
+- track_distance (editing): mean distance between two videos' shape centroids over the frames where
+  both show the shape (px): how closely an edit keeps its source's layout and motion.
 """
 
 import math
@@ -123,6 +125,14 @@ def sharpness(frames: torch.Tensor) -> float:
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
     lap = F.conv2d(grey, kernel)
     return (lap.pow(2).mean() * 1000).item()
+
+
+def track_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean distance (px) between the shape centroids of videos a and b, over frames where both
+    show it; NaN where there is no such frame."""
+    d = (detect(a)["centres"] - detect(b)["centres"]).norm(dim=-1)
+    d = d[~torch.isnan(d)]
+    return d.mean().item() if len(d) else float("nan")
 
 
 def video_metrics(frames: torch.Tensor, labels: tuple[str, str, str] | None = None) -> dict:

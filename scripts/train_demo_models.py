@@ -320,6 +320,9 @@ def main(argv=None):
     p.add_argument("--stage3-only", action="store_true",
                    help="run only stage 3 on the files in --out (stages 1-2 saved them): the same result as one run, "
                         "since the VAE goes through fp16 between the stages either way")
+    p.add_argument("--dit-only", action="store_true",
+                   help="keep the VAE in --out (trained and recalibrated by an earlier run) and train only the DiT on "
+                        "its latents")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -331,20 +334,28 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     started = time.time()
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    report = {"args": recorded_args(args),
               "torch": torch.__version__, "vae_config": VAE_CONFIG,
               "dit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in DIT_CONFIG.items()}}
 
     if not args.stage3_only:
-        vae = build_vae()
-        report["vae_history"] = train_vae(vae, args.vae_steps, g)
-        report["vae_seconds"] = round(time.time() - started, 1)
+        if args.dit_only:
+            earlier = json.loads((args.out / "training_log.json").read_text())
+            report.update({k: earlier[k] for k in ("vae_history", "vae_seconds", "vae_psnr_db") if k in earlier})
+            report["vae_from"] = earlier["args"]
+            vae = load_vae(args.out)
+        else:
+            vae = build_vae()
+            report["vae_history"] = train_vae(vae, args.vae_steps, g)
+            report["vae_seconds"] = round(time.time() - started, 1)
         vae.eval()
         t0 = time.time()
-        raw, labels = encode_clips(vae, args.clips)
-        data = recalibrate_vae(vae, raw)
+        data, labels = encode_clips(vae, args.clips)
+        if not args.dit_only:
+            data = recalibrate_vae(vae, data)
         held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
-        report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
+        if not args.dit_only:
+            report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
         mean, std = wan21_latent_stats()
         data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
         held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
@@ -362,12 +373,10 @@ def main(argv=None):
         (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
     else:
         report = json.loads((args.out / "training_log.json").read_text())
-        report["stage3_args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report["stage3_args"] = recorded_args(args)
 
     # stage 3 starts from the saved (fp16) VAE, in one run or in two
-    from safetensors.torch import load_file
-    vae = build_vae()
-    vae.load_state_dict({k: v.float() for k, v in load_file(str(args.out / VAE_FILE)).items()})
+    vae = load_vae(args.out)
     g3 = torch.Generator().manual_seed(args.seed + 3)
     t0 = time.time()
     report["decoder_history"] = train_decoder(vae, args.decoder_steps, g3)
@@ -382,6 +391,18 @@ def main(argv=None):
     log(f"done: VAE PSNR {report['vae_psnr_db_after_decoder']} dB; DiT held-out flow loss {report.get('dit_eval_loss')}; "
         f"wrote {args.out}")
     return report
+
+
+def recorded_args(args) -> dict:
+    """The command's arguments for training_log.json; --out by its name (where it was is of no use)."""
+    return {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def load_vae(folder: Path):
+    from safetensors.torch import load_file
+    vae = build_vae()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(folder / VAE_FILE)).items()})
+    return vae
 
 
 def held_psnr_seeds(args) -> list[int]:

@@ -76,3 +76,14 @@ def test_label_embedding_is_the_test_nodes():
     from comfy_test_nodes import TestTextConditioning
     node = TestTextConditioning.execute("red", demo_clips.LABEL_TOKENS, demo_clips.TEXT_DIM)
     assert torch.equal(node.result[0][0][0], demo_clips.label_embedding("red"))
+
+
+def test_track_distance_measures_how_far_the_shape_moved_apart():
+    a = frames("red", "circle", "right")
+    same_path_other_colour = frames("blue", "circle", "right")
+    other_path = frames("red", "circle", "left")
+    assert demo_metrics.track_distance(a, a) == 0
+    assert demo_metrics.track_distance(a, same_path_other_colour) < 1.0
+    ca, cb = demo_metrics.detect(a)["centres"], demo_metrics.detect(other_path)["centres"]
+    assert abs(demo_metrics.track_distance(a, other_path) - (ca - cb).norm(dim=-1).nanmean().item()) < 1e-5
+    assert demo_metrics.track_distance(a, other_path) > 5.0

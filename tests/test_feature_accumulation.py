@@ -418,3 +418,23 @@ def test_deep_clones_called_concurrently_match_each_called_alone(mode):
     needs_deep_clones()
     alone, inputs = concurrent_calls_match_alone(apply_feature_accumulation(fresh_wan(), "0.5", 2, mode))
     assert not torch.equal(alone[0], one_call(fresh_wan(), *inputs[0]))
+
+
+def test_block_input_mode_mixes_into_the_previous_output_instead_of_beside_it(wan21):
+    """The memory goal (at most one hidden state more than plain): in block-input mode the mix is
+    written into the previous block's output, so a block's normalised input is read from that very
+    tensor, and nothing but the running sum is held beside it. The values are the naive rule's
+    (test_layer_inputs_equal_the_naive_rule)."""
+    dm = wan21.get_model_object("diffusion_model")
+    outputs, norm_inputs, handles = {}, {}, []
+    for i, block in enumerate(dm.blocks):
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.data_ptr())))
+        handles.append(block.norm1.register_forward_pre_hook(lambda m, a, i=i: norm_inputs.__setitem__(i, a[0].data_ptr())))
+    try:
+        sample(apply_feature_accumulation(wan21, "0.5", 6, "block input"), steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    # Layers 1-3 mix; each block reads its mixed input from the tensor the block before returned
+    # (it is alive while the block runs, so an equal address is that tensor).
+    assert [norm_inputs[i] == outputs[i - 1] for i in (1, 2, 3)] == [True] * 3
