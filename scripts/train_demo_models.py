@@ -342,7 +342,7 @@ def main(argv=None):
         if args.dit_only:
             earlier = json.loads((args.out / "training_log.json").read_text())
             report.update({k: earlier[k] for k in ("vae_history", "vae_seconds", "vae_psnr_db") if k in earlier})
-            report["vae_from"] = earlier["args"]
+            report["vae_from"] = dict(earlier["args"], out=Path(earlier["args"]["out"]).name)
             vae = load_vae(args.out)
         else:
             vae = build_vae()
