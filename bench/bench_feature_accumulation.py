@@ -32,6 +32,30 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
     return timed_sampling(config, model, {"samples": torch.zeros(1, 16, frames, height, width)}, steps)
 
 
+def accumulation_cost(tokens: int, repeats: int = 5) -> float:
+    """Median seconds of one block's accumulation work on a hidden state of this size (cond +
+    uncond, float32): add the block's output to the running sum and mix the next block's input in
+    place. Set against the plain run's time per block call, it is the part of the overhead that
+    does not drown in a shared machine's noise."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import in_process
+    in_process.setup()
+    import time
+    import torch
+    from freevideo.enhance_core.feature_accumulation import GroupAccumulator
+    g = torch.Generator().manual_seed(0)
+    out, h = (torch.randn(2, tokens, 1536, generator=g) for _ in range(2))
+    acc = GroupAccumulator(6)
+    acc.add(0, out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        acc.add(1, out)
+        acc.mix(h, 0.1, in_place=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -63,6 +87,10 @@ def main():
               f"CPU {statistics.median(paired_ratios(results, c, 'cpu')):.4f}); "
               f"median peak RSS ratio {peak[c] / peak['plain']:.4f}, sampling working set "
               f"{(work[c] - work['plain']) / 2**20:+.0f} MiB vs plain ({(work[c] - work['plain']) / hidden:+.2f} hidden states)")
+    per_block = med["plain"] / (a.steps * a.layers)
+    cost = accumulation_cost(tokens)
+    print(f"per block call: accumulation {cost * 1000:.1f} ms vs the plain block call {per_block * 1000:.0f} ms "
+          f"(plain sampling time / (steps x layers)): ratio {cost / per_block:.4f}")
 
 
 if __name__ == "__main__":
