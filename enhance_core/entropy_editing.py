@@ -28,6 +28,7 @@ import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
+import comfy.samplers
 import comfy.utils
 
 from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
@@ -92,6 +93,9 @@ class EntropyEditing:
 
     # sampling run -------------------------------------------------------------------------------
     def _new_run(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        if self.source_latent is not None and self.source_latent.shape[1:] != noise.shape[1:]:
+            raise ValueError(f"source_latent: shape {tuple(self.source_latent.shape)} does not match the sampled latent "
+                             f"{tuple(noise.shape)}; encode the source video at the size you sample")
         guider = executor.class_obj
         # Processed with the run's other conds (the model's own conditioning, areas, devices).
         guider.conds[SOURCE_CONDS] = [c.copy() for c in comfy.sampler_helpers.convert_cond(self.source)]
@@ -141,22 +145,25 @@ class EntropyEditing:
             model = guider.inner_model
             start = self._invert(run, model, extra_args["model_options"], noise, sigmas)
             scaling = model.model_sampling.noise_scaling
-            max_denoise = executor.class_obj.max_denoise(guider, sigmas)
+            sampler = executor.class_obj  # a custom sampler may not derive from ComfyUI's Sampler
+            max_denoise = (sampler.max_denoise(guider, sigmas) if hasattr(sampler, "max_denoise")
+                           else comfy.samplers.Sampler.max_denoise(sampler, guider, sigmas))
             offset = scaling(sigmas[0], torch.zeros_like(start), latent_image, max_denoise)
             slope = scaling(sigmas[0], torch.ones_like(start), latent_image, max_denoise) - offset
-            noise = (start - offset) / slope
-            log.info("IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; the target "
-                     "starts from the inverted latent, not from the sampler's noise", len(run.levels), float(sigmas[0]))
+            if bool((slope == 0).any()):
+                log.warning("IE-Adapt editing: this model's sampling does not start from noise (%s), so the target "
+                            "cannot start from the inverted source; it starts where the sampler starts",
+                            type(model.model_sampling).__name__)
+            else:
+                noise = (start - offset) / slope
+                log.info("IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; the target "
+                         "starts from the inverted latent, not from the sampler's noise", len(run.levels), float(sigmas[0]))
         return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
 
     def _invert(self, run, model, options, like, sigmas):
         """The source latent DDIM-inverted up every level of `sigmas`, into run.levels; returns the
         latent at the first (highest) level."""
-        x = model.process_latent_in(self.source_latent.to(like))
-        if x.shape[1:] != like.shape[1:]:
-            raise ValueError(f"source_latent: shape {tuple(self.source_latent.shape)} does not match the sampled latent "
-                             f"{tuple(like.shape)}; encode the source video at the size you sample")
-        x = x.expand_as(like).clone()
+        x = model.process_latent_in(self.source_latent.to(like)).expand_as(like).clone()
         source = run.guider.conds[SOURCE_CONDS]
 
         def predict(z, level):

@@ -20,12 +20,14 @@ causal VAE encodes it), so the same model also works frame-wise as an image mode
 
 Deterministic: fixed step counts, seeded data and noise, torch.set_num_threads(--threads) (default
 1: this runs on a shared 2-core machine, where more threads spin waiting on each other; float
-results depend on the thread count). The committed models come from the default command; its
-timings (training_log.json) were taken on that busy shared machine. Writes
-demo_models/freevideo_demo_wan21_vae.safetensors, freevideo_demo_wan21_t2v.safetensors (fp16, real
-key names, loaded by ComfyUI's VAELoader / UNETLoader) and training_log.json.
+results depend on the thread count). The committed VAE comes from the default command, the
+committed DiT from the second command below on that VAE (training_log.json records both, with
+timings from a shared machine). Writes demo_models/freevideo_demo_wan21_vae.safetensors,
+freevideo_demo_wan21_t2v.safetensors (fp16, real key names, loaded by ComfyUI's VAELoader /
+UNETLoader) and training_log.json.
 
-    source .runtime/env.sh && $FREEVIDEO_PYTHON scripts/train_demo_models.py            # ~15 min, 1 thread
+    source .runtime/env.sh && $FREEVIDEO_PYTHON scripts/train_demo_models.py            # ~14 min, 1 thread
+    $FREEVIDEO_PYTHON scripts/train_demo_models.py --dit-only --dit-steps 3000            # ~12 min more
     $FREEVIDEO_PYTHON scripts/train_demo_models.py --smoke --out /tmp/x                   # seconds
 """
 
@@ -166,35 +168,6 @@ def train_vae(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
     return history
 
 
-def train_decoder(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
-    """Stage 3: the decoder alone (encoder frozen, so the DiT's latents stay valid) on fresh clips."""
-    params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    history, running = [], []
-    started = time.time()
-    for step in range(steps):
-        frac = step / max(1, steps)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        frames, batch = (5, 2) if step % 3 else (9, 1)
-        x = clip_batch([30_000_000 + step * 4 + i for i in range(batch)], frames, g)
-        with torch.no_grad():
-            mu = vae.encode(x)
-            z = mu + 0.05 * mu.std() * torch.randn(mu.shape, generator=g)
-        y = vae.decode(z)
-        loss = recon_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": round(time.time() - started, 1)})
-            log(f"decoder step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - started:.0f} s)")
-            running = []
-    return history
-
-
 @torch.no_grad()
 def encode_clips(vae, count: int, batch: int = 8):
     """The data set: clip i has labels clip_labels(i) and seed i. Returns raw latents and labels."""
@@ -316,17 +289,13 @@ def main(argv=None):
     p.add_argument("--clips", type=int, default=288, help="clips in the DiT's data set (6 per label combination)")
     p.add_argument("--dit-steps", type=int, default=800)
     p.add_argument("--dit-batch", type=int, default=16)
-    p.add_argument("--decoder-steps", type=int, default=0, help="optional stage 3: decoder fine-tune, encoder frozen")
-    p.add_argument("--stage3-only", action="store_true",
-                   help="run only stage 3 on the files in --out (stages 1-2 saved them): the same result as one run, "
-                        "since the VAE goes through fp16 between the stages either way")
     p.add_argument("--dit-only", action="store_true",
                    help="keep the VAE in --out (trained and recalibrated by an earlier run) and train only the DiT on "
                         "its latents")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.vae_steps, args.clips, args.dit_steps, args.dit_batch, args.decoder_steps = 1, 2, 2, 2, 1
+        args.vae_steps, args.clips, args.dit_steps, args.dit_batch = 1, 2, 2, 2
 
     import in_process
     in_process.setup()
@@ -338,58 +307,40 @@ def main(argv=None):
               "torch": torch.__version__, "vae_config": VAE_CONFIG,
               "dit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in DIT_CONFIG.items()}}
 
-    if not args.stage3_only:
-        if args.dit_only:
-            earlier = json.loads((args.out / "training_log.json").read_text())
-            report.update({k: earlier[k] for k in ("vae_history", "vae_seconds", "vae_psnr_db") if k in earlier})
-            report["vae_from"] = dict(earlier["args"], out=Path(earlier["args"]["out"]).name)
-            vae = load_vae(args.out)
-        else:
-            vae = build_vae()
-            report["vae_history"] = train_vae(vae, args.vae_steps, g)
-            report["vae_seconds"] = round(time.time() - started, 1)
-        vae.eval()
-        t0 = time.time()
-        data, labels = encode_clips(vae, args.clips)
-        if not args.dit_only:
-            data = recalibrate_vae(vae, data)
-        held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
-        if not args.dit_only:
-            report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
-        mean, std = wan21_latent_stats()
-        data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
-        held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-        report["encode_seconds"] = round(time.time() - t0, 1)
-        log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
-
-        t0 = time.time()
-        dit = build_dit()
-        report["dit_history"] = train_dit(dit, data, labels, args.dit_steps, args.dit_batch, g)
-        report["dit_seconds"] = round(time.time() - t0, 1)
-        report["dit_eval_loss"] = round(dit_eval_loss(dit, held, held_labels, torch.Generator().manual_seed(1)), 4)
-        save(vae, args.out / VAE_FILE)
-        save(dit, args.out / DIT_FILE)
-        report["stages_1_2_seconds"] = round(time.time() - started, 1)
-        (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.dit_only:
+        earlier = json.loads((args.out / "training_log.json").read_text())
+        report.update({k: earlier[k] for k in ("vae_history", "vae_seconds", "vae_psnr_db") if k in earlier})
+        report["vae_from"] = dict(earlier["args"], out=Path(earlier["args"]["out"]).name)
+        vae = load_vae(args.out)
     else:
-        report = json.loads((args.out / "training_log.json").read_text())
-        report["stage3_args"] = recorded_args(args)
-
-    # stage 3 starts from the saved (fp16) VAE, in one run or in two
-    vae = load_vae(args.out)
-    g3 = torch.Generator().manual_seed(args.seed + 3)
-    t0 = time.time()
-    report["decoder_history"] = train_decoder(vae, args.decoder_steps, g3)
-    report["decoder_seconds"] = round(time.time() - t0, 1)
+        vae = build_vae()
+        report["vae_history"] = train_vae(vae, args.vae_steps, g)
+        report["vae_seconds"] = round(time.time() - started, 1)
     vae.eval()
-    report["vae_psnr_db_after_decoder"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
-    save(vae, args.out / VAE_FILE)
+    t0 = time.time()
+    data, labels = encode_clips(vae, args.clips)
+    if not args.dit_only:
+        data = recalibrate_vae(vae, data)
+    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
+    if not args.dit_only:
+        report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
+        save(vae, args.out / VAE_FILE)
+    mean, std = wan21_latent_stats()
+    data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
+    held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    report["encode_seconds"] = round(time.time() - t0, 1)
+    log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
+
+    t0 = time.time()
+    dit = build_dit()
+    report["dit_history"] = train_dit(dit, data, labels, args.dit_steps, args.dit_batch, g)
+    report["dit_seconds"] = round(time.time() - t0, 1)
+    report["dit_eval_loss"] = round(dit_eval_loss(dit, held, held_labels, torch.Generator().manual_seed(1)), 4)
+    save(dit, args.out / DIT_FILE)
     report["bytes"] = {VAE_FILE: (args.out / VAE_FILE).stat().st_size, DIT_FILE: (args.out / DIT_FILE).stat().st_size}
-    report["training_seconds"] = round(report.get("vae_seconds", 0) + report.get("encode_seconds", 0)
-                                       + report.get("dit_seconds", 0) + report["decoder_seconds"], 1)
+    report["training_seconds"] = round(report.get("vae_seconds", 0) + report["encode_seconds"] + report["dit_seconds"], 1)
     (args.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
-    log(f"done: VAE PSNR {report['vae_psnr_db_after_decoder']} dB; DiT held-out flow loss {report.get('dit_eval_loss')}; "
-        f"wrote {args.out}")
+    log(f"done: VAE PSNR {report['vae_psnr_db']} dB; DiT held-out flow loss {report['dit_eval_loss']}; wrote {args.out}")
     return report
 
 

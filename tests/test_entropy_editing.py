@@ -2,6 +2,7 @@
 
 import math
 
+import comfy.patcher_extension
 import pytest
 import torch
 
@@ -140,6 +141,12 @@ def test_every_family_edits(fam):
     plain = ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     edited = ksample(apply_entropy_editing(model, conditioning(fam, 4)), latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     assert torch.isfinite(edited).all() and not torch.equal(edited, plain)
+    # A real video: the target starts from its inversion, whatever the family's noise scaling, so
+    # the sampler's seed no longer matters.
+    real = [ksample(apply_entropy_editing(model, conditioning(fam, 4), {"samples": plain}), latent, conditioning(fam, 1),
+                    conditioning(fam, 2), steps=2, cfg=3.0, seed=seed) for seed in (0, 1)]
+    assert torch.isfinite(real[0]).all() and torch.equal(real[0], real[1])
+    assert not torch.equal(real[0], edited)
 
 
 def test_inspector_names_the_layers_editing_chooses(wan21):
@@ -151,3 +158,13 @@ def test_inspector_names_the_layers_editing_chooses(wan21):
     chosen = sorted(sorted(editing.entropies, key=editing.entropies.get)[:2])
     assert report.lowest(0.5) == chosen
     assert f"replaces layers: {', '.join(map(str, chosen))}" in report.table()
+
+
+def test_a_source_video_of_another_size_fails_before_the_first_step(wan21):
+    calls = []
+    model = apply_entropy_editing(wan21, SOURCE, {"samples": torch.zeros(1, 16, 3, 8, 8)})
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_count",
+                               lambda executor, *a, **kw: calls.append(1) or executor(*a, **kw))
+    with pytest.raises(ValueError, match=r"source_latent: shape \(1, 16, 3, 8, 8\) does not match the sampled latent"):
+        sample(model)
+    assert not calls  # no model call ran

@@ -303,12 +303,11 @@ def test_mochi_scale_lands_after_the_norm_that_follows_the_projection():
     assert not torch.allclose(block_out[0][0], block_with(torch.ones_like(want)), rtol=1e-5, atol=1e-5)
 
 
-def test_cosmos1_scales_its_sequence_first_output_per_batch_element():
-    from einops import rearrange
-    fam = BY_ID["cosmos1"]
-    model = load(fam)
-    # Block 1: its input went through block 0's cross-attention, so cond and uncond differ.
-    attn = model.get_model_object("diffusion_model").blocks["block1"].blocks[0].block.attn
+def layer1_scaling(fam, model, attn):
+    """One sampling step with Enhance-A-Video (weight 6) on layer 1, whose attention module is
+    `attn`: the kernel call's q and output, the module's outputs, and the naive official scale,
+    which must exceed 1 and differ between cond and uncond (their input went through block 0's
+    cross-attention)."""
     rec = Recorder(model, attn)
     outputs = []
     rec.hooks(attn.register_forward_hook(lambda m, a, o: outputs.append(o.clone())))
@@ -319,6 +318,16 @@ def test_cosmos1_scales_its_sequence_first_output_per_batch_element():
     q, k, out = the_call(rec)
     want = naive_scale(q, k, FRAMES, 6.0)
     assert want.min() > 1.0 and not torch.equal(want[0], want[1])
+    return q, out, outputs, want
+
+
+def test_cosmos1_scales_its_sequence_first_output_per_batch_element():
+    from einops import rearrange
+    fam = BY_ID["cosmos1"]
+    model = load(fam)
+    # Block 1: its input went through block 0's cross-attention, so cond and uncond differ.
+    attn = model.get_model_object("diffusion_model").blocks["block1"].blocks[0].block.attn
+    _, out, outputs, want = layer1_scaling(fam, model, attn)
     projected = attn.to_out(rearrange(out, "b n s c -> s b (n c)"))
     torch.testing.assert_close(outputs[0], projected * want.view(1, -1, 1), rtol=1e-5, atol=1e-6)
 
@@ -341,17 +350,8 @@ def test_scale_multiplies_the_projected_self_attention_output(fam_id, path, proj
     fam = BY_ID[fam_id]
     model = load(fam)
     attn = model.get_model_object(f"diffusion_model.{path}")
-    rec = Recorder(model, attn)
-    outputs = []
-    rec.hooks(attn.register_forward_hook(lambda m, a, o: outputs.append(o.clone())))
-    try:
-        one_step(fam, apply_enhance_a_video(rec.clone, weight=6.0, layers="1"))
-    finally:
-        rec.remove()
-    q, k, out = the_call(rec)
+    q, out, outputs, want = layer1_scaling(fam, model, attn)
     assert q.shape[1] == FRAMES * tokens_per_frame(fam)
-    want = naive_scale(q, k, FRAMES, 6.0)
-    assert want.min() > 1.0 and not torch.equal(want[0], want[1])
     assert len(outputs) == 1
     with torch.no_grad():
         projected = getattr(attn, projection)(out)

@@ -45,6 +45,12 @@ def test_smoke_training_writes_models_comfyui_loads(tmp_path):
     assert vae.latent_channels == 16 and vae.first_stage_model.dim == train_demo_models.VAE_CONFIG["dim"]
     frames = vae.decode(torch.zeros(1, 16, 2, 8, 8))
     assert frames.shape[-4:] == (5, 64, 64, 3)
+    # --dit-only keeps the VAE file and retrains the DiT on its latents, recording where the VAE came from.
+    vae_bytes = (tmp_path / train_demo_models.VAE_FILE).read_bytes()
+    again = train_demo_models.main(["--smoke", "--dit-only", "--out", str(tmp_path)])
+    assert (tmp_path / train_demo_models.VAE_FILE).read_bytes() == vae_bytes
+    assert again["vae_from"]["out"] == tmp_path.name and again["vae_history"] == report["vae_history"]
+    assert again["args"]["dit_only"] and again["dit_history"]
 
 
 def test_recalibration_normalises_latents_and_keeps_decoding():
