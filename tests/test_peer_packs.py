@@ -5,7 +5,8 @@ and ComfyUI-KJNodes in custom_nodes (unmodified release snapshots), API prompts 
   pack takes effect on it, and the patched result differs from the same node on the unquantized
   model by about as much as the plain results do (the quantization error).
 - KJNodes: its Wan patches (cache, RifleX, NAG, Enhance-A-Video, attention overrides) placed before
-  and after ours. Each effect is measured: ours = (both) - (the KJ node only), theirs = (both) -
+  and after ours (Enhance-A-Video, the entropy guidance, feature accumulation: its block hooks sit
+  around KJNodes' object patches of the blocks' attention). Each effect is measured: ours = (both) - (the KJ node only), theirs = (both) -
   (ours only); where the KJ patch changes nothing on this model, (both) must equal ours alone.
 
 The packs come from FREEVIDEO_PEERS (default ../shared/peers beside the repository), as
@@ -154,6 +155,11 @@ def entropy_guidance(g: Graph) -> Graph:
                                  layers="auto", top_k=1)
 
 
+def feature_accumulation(g: Graph) -> Graph:
+    # Gate 0.5 in block-input mode: a clear effect on the tiny model (the default 0.1 is a small one).
+    return g.patch_with_defaults("FreeVideoFeatureAccumulation", gate="0.5", mode="block input")
+
+
 def untouched_clone(g: Graph) -> Graph:
     """A plain clone of the loaded model (weight 0 returns one), new to ComfyUI's cache (the layer
     list "all" padded with a new number of spaces), so what follows it really runs again."""
@@ -161,7 +167,7 @@ def untouched_clone(g: Graph) -> Graph:
     return g.patch_with_defaults("FreeVideoEnhanceAVideo", weight=0.0, layers=" " * g.server.counter + "all")
 
 
-OURS = {"enhance_a_video": enhance_a_video, "entropy_guidance": entropy_guidance}
+OURS = {"enhance_a_video": enhance_a_video, "entropy_guidance": entropy_guidance, "feature_accumulation": feature_accumulation}
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
