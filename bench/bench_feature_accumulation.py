@@ -34,17 +34,20 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
 
 def accumulation_cost(tokens: int, repeats: int = 5) -> float:
     """Median seconds of one block's accumulation work on a hidden state of this size (cond +
-    uncond, float32): add the block's output to the running sum and mix the next block's input in
-    place. Set against the plain run's time per block call, it is the part of the overhead that
-    does not drown in a shared machine's noise."""
+    uncond, on the model's device in its dtype): add the block's output to the running sum and mix
+    the next block's input in place. Set against the plain run's time per block call, it is the part
+    of the overhead that does not drown in a shared machine's noise."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import in_process
     in_process.setup()
     import time
     import torch
+    import comfy.model_management
     from freevideo.enhance_core.feature_accumulation import GroupAccumulator
+    device = comfy.model_management.get_torch_device()  # where the sampled model runs (a GPU in the run book)
+    dtype = comfy.model_management.unet_dtype()
     g = torch.Generator().manual_seed(0)
-    out, h = (torch.randn(2, tokens, 1536, generator=g) for _ in range(2))
+    out, h = (torch.randn(2, tokens, 1536, generator=g).to(device, dtype) for _ in range(2))
     acc = GroupAccumulator(6)
     acc.add(0, out)
     times = []
@@ -52,6 +55,8 @@ def accumulation_cost(tokens: int, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         acc.add(1, out)
         acc.mix(h, 0.1, in_place=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
