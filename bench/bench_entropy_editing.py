@@ -9,7 +9,8 @@ Each step is timed twice: wall time, and the process's CPU time (all threads), w
 loaded machine tracks the work done better than wall time does.
 
 Two sources: generated (no source latent; the source follows the sampler's own trajectory) and a
-real video's latent (inverted once at the first step, one source model call per schedule level).
+real video's latent (inverted once before the first step, one source model call per schedule level; the
+target then starts from the inverted latent).
 
 Model and latent: as bench_entropy_guidance.py (Wan 2.1 layout, head dim 128, smaller width and
 depth; 2 x 60 x 104 latent = 3120 tokens, 512 text tokens), its set-up reused.
