@@ -145,8 +145,7 @@ class SharedPrefix:
                 return run(args, extra)
             keep = [r for r, c in enumerate(rows) if c not in copies]
             index = torch.tensor(keep, device=img.device)
-            sub = {name: value.index_select(0, index) if torch.is_tensor(value) and value.ndim and value.shape[0] == b else value
-                   for name, value in args.items()}
+            sub = {name: _rows(value, index, b) for name, value in args.items()}
             sub["transformer_options"] = dict(options, cond_or_uncond=[c for c in options["cond_or_uncond"] if c not in copies])
             out = run(sub, extra)
             part = out["img"]
@@ -156,3 +155,13 @@ class SharedPrefix:
                 full[[r for r, c in enumerate(rows) if c == branch]] = full[[r for r, c in enumerate(rows) if c == source]]
             return dict(out, img=full)
         return replace
+
+
+def _rows(value, index, batch: int):
+    """The rows `index` of every tensor in a block argument whose first dimension is the batch,
+    also inside tuples and lists (LTX-Video's position embedding in newer ComfyUI)."""
+    if torch.is_tensor(value):
+        return value.index_select(0, index) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, index, batch) for v in value)
+    return value

@@ -413,6 +413,35 @@ def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_lay
     assert all(size == 4 for _, size in [s for s in sizes if s[1] in (2, 4)][-4:])
 
 
+def test_shared_prefix_on_ltx_video_gives_the_full_branches_result(monkeypatch):
+    """LTX-Video shares the prefix too (ComfyUI's double_block replace points; block i holds attn1,
+    self-attention layer i): the sampled result equals the branches run through every block."""
+    from freevideo.enhance_core.models.ltxv import LTXVAdapter
+    from test_families import BY_ID, sample as family_sample
+    fam = BY_ID["ltxv"]
+    model = load(fam)
+    n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))
+    sizes = []
+
+    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+        sizes.append((layer, q.shape[0]))
+        return call_next(q, k, v, heads, **kwargs)
+
+    def guided():
+        m = apply_entropy_guidance(model, 2.0, layers=str(n - 1)).clone()
+        SelfAttentionLayers(m, adapter_for(m), "test_sizes", "test").route(range(n), record)
+        return m
+    shared = family_sample(fam, guided(), steps=2)
+    shared_sizes, sizes[:] = list(sizes), []
+    monkeypatch.setattr(LTXVAdapter, "prefix_blocks", None)
+    full = family_sample(fam, guided(), steps=2)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(full, family_sample(fam, model, steps=2))  # the guidance acts
+    # The last step: cond, uncond and two branches, but only cond and uncond before layer n - 1.
+    assert shared_sizes[-n:] == [(i, 2 if i < n - 1 else 4) for i in range(n)], shared_sizes
+    assert sizes[-n:] == [(i, 4) for i in range(n)]
+
+
 def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
     """The registry's per-layer entropy and the inspector's, each against the naive softmax entropy of
     the conditional element's q and k recorded in the same forward (not against each other)."""

@@ -11,6 +11,8 @@ from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_toke
 
 class LTXVAdapter(FamilyAdapter):
     name = "LTX-Video"
+    # transformer_blocks.i (ComfyUI's ("double_block", i) replace point) holds self-attention layer i.
+    prefix_blocks = "double_block"
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.lightricks.model import LTXVModel
