@@ -147,13 +147,8 @@ class SharedPrefix:
             index = torch.tensor(keep, device=img.device)
             sub = {name: _rows(value, index, b) for name, value in args.items()}
             sub["transformer_options"] = dict(options, cond_or_uncond=[c for c in options["cond_or_uncond"] if c not in copies])
-            out = run(sub, extra)
-            part = out["img"]
-            full = part.new_empty((b,) + tuple(part.shape[1:]))
-            full[index] = part
-            for branch, source in copies.items():
-                full[[r for r, c in enumerate(rows) if c == branch]] = full[[r for r, c in enumerate(rows) if c == source]]
-            return dict(out, img=full)
+            # Every stream the block returns (the video; Mochi's text too) gets the branches' rows back.
+            return {name: _with_copies(part, index, rows, copies) for name, part in run(sub, extra).items()}
         return replace
 
 
@@ -165,3 +160,15 @@ def _rows(value, index, batch: int):
     if isinstance(value, (tuple, list)):
         return type(value)(_rows(v, index, batch) for v in value)
     return value
+
+
+def _with_copies(part, index, rows: list[int], copies: dict):
+    """A block output computed on the rows `index` of the full batch (whose rows belong to the conds
+    `rows`), back at full batch size, each branch's rows a copy of its source cond's rows."""
+    if not (torch.is_tensor(part) and part.ndim and part.shape[0] == len(index)):
+        return part
+    full = part.new_empty((len(rows),) + tuple(part.shape[1:]))
+    full[index] = part
+    for branch, source in copies.items():
+        full[[r for r, c in enumerate(rows) if c == branch]] = full[[r for r, c in enumerate(rows) if c == source]]
+    return full

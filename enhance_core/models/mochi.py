@@ -14,6 +14,8 @@ from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_toke
 class MochiAdapter(FamilyAdapter):
     name = "Mochi"
     wrapper_type = "apply_model"
+    # blocks.i (ComfyUI's ("double_block", i) replace point, video and text streams) holds layer i.
+    prefix_blocks = "double_block"
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.genmo.joint_model.asymm_models_joint import AsymmDiTJoint
