@@ -118,12 +118,13 @@ class SharedPrefix:
     """Block-replace patches (ComfyUI's `patches_replace["dit"]`, keyed (block_name, i)) that run the
     blocks before a call's `prefix` point without the branches that copy a cond, then copy that
     cond's hidden state into the branches' rows: the same result, without their cost there. A patch
-    already on a block is called inside ours; a node that replaces ours later only loses the saving."""
+    already on a block is called inside ours; a node that replaces ours later only loses the saving.
+    `points`: the replace points in self-attention layer order (the family adapter's prefix_points)."""
 
-    def __init__(self, clone, key: str, n_blocks: int, block_name: str):
+    def __init__(self, clone, key: str, points: list[tuple[str, int]]):
         replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        for i in range(n_blocks):
-            clone.set_model_patch_replace(eager(self._block(key, i, replaces.get((block_name, i))), recursive=False),
+        for layer, (block_name, i) in enumerate(points):
+            clone.set_model_patch_replace(eager(self._block(key, layer, replaces.get((block_name, i))), recursive=False),
                                           "dit", block_name, i)
 
     @staticmethod

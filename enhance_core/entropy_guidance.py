@@ -124,9 +124,10 @@ class EntropyGuidance:
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
         # The branches copy the conditional element up to the first registered layer: on families
         # with block-replace points they skip those blocks (see branch_runner.SharedPrefix).
-        self.shares_prefix = adapter.prefix_blocks is not None
+        points = adapter.prefix_points(model.get_model_object("diffusion_model"))
+        self.shares_prefix = points is not None
         if self.shares_prefix:
-            SharedPrefix(self.clone, self.key, n_layers, adapter.prefix_blocks)
+            SharedPrefix(self.clone, self.key, points)
         self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
                                         lambda executor, *a, **kw: state._new_run(executor, *a, **kw))

@@ -413,11 +413,11 @@ def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_lay
     assert all(size == 4 for _, size in [s for s in sizes if s[1] in (2, 4)][-4:])
 
 
-@pytest.mark.parametrize("fam_id", ["ltxv", "mochi"])
+@pytest.mark.parametrize("fam_id", ["ltxv", "mochi", "hunyuan_video", "hunyuan_video_15"])
 def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, monkeypatch):
-    """LTX-Video and Mochi share the prefix too (ComfyUI's double_block replace points; block i holds
-    self-attention layer i; Mochi's points carry the text stream as well): the sampled result equals
-    the branches run through every block."""
+    """LTX-Video, Mochi and HunyuanVideo share the prefix too (ComfyUI's block-replace points, in
+    self-attention layer order; Mochi's and HunyuanVideo's double blocks carry the text stream as
+    well): the sampled result equals the branches run through every block."""
     from test_families import BY_ID, sample as family_sample
     fam = BY_ID[fam_id]
     model = load(fam)
@@ -435,7 +435,7 @@ def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, 
         return m
     shared = family_sample(fam, guided(), steps=2)
     shared_sizes, sizes[:] = list(sizes), []
-    monkeypatch.setattr(adapter, "prefix_blocks", None)
+    monkeypatch.setattr(adapter, "prefix_points", lambda self, diffusion_model: None)
     full = family_sample(fam, guided(), steps=2)
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
     assert not torch.equal(full, family_sample(fam, model, steps=2))  # the guidance acts

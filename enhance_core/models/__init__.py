@@ -101,6 +101,14 @@ class FamilyAdapter:
     # holds self-attention layer i, so branches can share the blocks before the layer they change.
     prefix_blocks = None
 
+    def prefix_points(self, diffusion_model) -> list[tuple[str, int]] | None:
+        """ComfyUI's block-replace points (patches_replace["dit"] keys) in self-attention layer
+        order, for guidance branches that share the blocks before their first changed layer; None
+        where the family has none."""
+        if self.prefix_blocks is None:
+            return None
+        return [(self.prefix_blocks, i) for i in range(len(self.sites(diffusion_model)))]
+
     def matches(self, diffusion_model) -> bool:
         raise NotImplementedError
 

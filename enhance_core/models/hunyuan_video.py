@@ -40,6 +40,11 @@ class HunyuanVideoAdapter(FamilyAdapter):
                   for i in range(len(diffusion_model.single_blocks))]
         return double + single
 
+    def prefix_points(self, diffusion_model) -> list[tuple[str, int]]:
+        # Layers 0..D-1 are the double blocks, then the single blocks, each with its replace point.
+        return ([("double_block", i) for i in range(len(diffusion_model.double_blocks))]
+                + [("single_block", i) for i in range(len(diffusion_model.single_blocks))])
+
     def blocks(self, diffusion_model) -> list[BlockSite]:
         # A single-stream block's pre_norm feeds linear1, which forms q, k, v and the MLP input together.
         return ([BlockSite(f"double_blocks.{i}", f"double_blocks.{i}.img_norm1") for i in range(len(diffusion_model.double_blocks))]
