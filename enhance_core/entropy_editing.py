@@ -28,7 +28,6 @@ import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
-import comfy.samplers
 import comfy.utils
 
 from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
@@ -145,9 +144,7 @@ class EntropyEditing:
             model = guider.inner_model
             start = self._invert(run, model, extra_args["model_options"], noise, sigmas)
             scaling = model.model_sampling.noise_scaling
-            sampler = executor.class_obj  # a custom sampler may not derive from ComfyUI's Sampler
-            max_denoise = (sampler.max_denoise(guider, sigmas) if hasattr(sampler, "max_denoise")
-                           else comfy.samplers.Sampler.max_denoise(sampler, guider, sigmas))
+            max_denoise = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
             offset = scaling(sigmas[0], torch.zeros_like(start), latent_image, max_denoise)
             slope = scaling(sigmas[0], torch.ones_like(start), latent_image, max_denoise) - offset
             if bool((slope == 0).any()):

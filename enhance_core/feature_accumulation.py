@@ -107,7 +107,7 @@ class GroupAccumulator:
             if self.sum is not None and self.sum.shape == out.shape and self.sum.dtype == out.dtype:
                 self.sum.copy_(out)  # reuse the buffer: no second sum while the restart is made
             else:
-                self.sum = None
+                self.sum = None  # freed before its successor is allocated
                 self.sum = out.clone(memory_format=torch.contiguous_format)
             self.count = 1
         else:
@@ -130,7 +130,7 @@ class GroupAccumulator:
             if None not in rows:
                 self.sum = self.sum[rows]
                 return True
-        self.sum, self.count, self.last = None, 0, None
+        self.drop()
         return False
 
     def mix(self, h: torch.Tensor, gate: float, in_place: bool = False) -> torch.Tensor:

@@ -252,10 +252,11 @@ def editing_demo(node, model, vae, seeds, prompts, out) -> list[dict]:
             edits.append(decode(vae, sample(edited_model, s, target, "euler"))[0])
         sources, plains, edits = torch.stack(sources), torch.stack(plains), torch.stack(edits)
         row = {"kind": kind, "seconds": time.time() - t0}
+        source_tracks = [demo_metrics.detect(v)["centres"] for v in sources]
         for name, videos in (("plain", plains), ("edited", edits)):
             found = [demo_metrics.detect(v) for v in videos]
             colour = [float(f["colour"] == recoloured(lab)[0]) for f, lab in zip(found, prompts)]
-            track = [demo_metrics.track_distance(v, src) for v, src in zip(videos, sources)]
+            track = [demo_metrics.track_distance(f["centres"], src) for f, src in zip(found, source_tracks)]
             row[name] = {"target_colour": colour, "track_distance": track}
         slug = "entropy_editing" if kind == "generated" else "entropy_editing_real"
         save_media(out / slug, [("source", sources), ("plain", plains), ("edited", edits)])

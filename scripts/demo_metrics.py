@@ -14,7 +14,7 @@ Videos are ComfyUI IMAGE tensors: [frames, height, width, 3], values in [0, 1].
 - area_change: the shape's area, std / mean over frames (the shapes keep their size);
 - sharpness: high-frequency energy, mean squared 4-neighbour Laplacian of the grey frames x 1000;
 - colour_ok, shape_ok, direction_ok: whether the detected labels match the prompt's;
-- track_distance (editing): mean distance between two videos' shape centroids over the frames where
+- track_distance (editing): mean distance between two videos' centroid tracks over the frames where
   both show the shape (px): how closely an edit keeps its source's layout and motion.
 """
 
@@ -128,9 +128,9 @@ def sharpness(frames: torch.Tensor) -> float:
 
 
 def track_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean distance (px) between the shape centroids of videos a and b, over frames where both
-    show it; NaN where there is no such frame."""
-    d = (detect(a)["centres"] - detect(b)["centres"]).norm(dim=-1)
+    """Mean distance (px) between two videos' centroid tracks (detect()'s "centres"), over frames
+    where both show the shape; NaN where there is no such frame."""
+    d = (a - b).norm(dim=-1)
     d = d[~torch.isnan(d)]
     return d.mean().item() if len(d) else float("nan")
 

@@ -321,10 +321,9 @@ def main(argv=None):
     data, labels = encode_clips(vae, args.clips)
     if not args.dit_only:
         data = recalibrate_vae(vae, data)
-    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
-    if not args.dit_only:
         report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
         save(vae, args.out / VAE_FILE)
+    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
     mean, std = wan21_latent_stats()
     data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
     held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)

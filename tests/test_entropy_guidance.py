@@ -383,34 +383,41 @@ def test_sampled_estimate_ranks_layers_as_exact_entropy_except_near_ties(fam):
     assert all(abs(exact[i] - exact[j]) < 2 * error for i, j in swapped), (exact, estimate)
 
 
+def shared_and_full(model, layers: str, sample, monkeypatch):
+    """Guided results with the shared prefix and with full branches (the family adapter's
+    prefix_points turned off), and the self-attention batch size per layer in each run's last step."""
+    n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))
+    sizes = []
+
+    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+        sizes.append((layer, q.shape[0]))
+        return call_next(q, k, v, heads, **kwargs)
+
+    def run():
+        m = apply_entropy_guidance(model, 2.0, layers=layers).clone()
+        SelfAttentionLayers(m, adapter_for(m), "test_sizes", "test").route(range(n), record)
+        out = sample(m)
+        last, sizes[:] = sizes[-n:], []
+        return out, last
+    shared, shared_sizes = run()
+    monkeypatch.setattr(type(adapter_for(model)), "prefix_points", lambda self, diffusion_model: None)
+    full, full_sizes = run()
+    return shared, full, shared_sizes, full_sizes
+
+
 @pytest.mark.parametrize("layers", ["2", "1, 3"])
 def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_layer(layers, monkeypatch):
     """Wan: the branches copy the conditional element up to the first registered layer, so the blocks
     before it run without them; the guided result equals running the branches through every block."""
-    from freevideo.enhance_core.models.wan import WanAdapter
     import tiny_models
     model = tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
-    sizes = []
-
-    def batch_sizes(model_with_guidance):
-        m = model_with_guidance.clone()
-
-        def record(layer, layout, call_next, q, k, v, heads, **kwargs):
-            sizes.append((layer, q.shape[0]))
-            return call_next(q, k, v, heads, **kwargs)
-        SelfAttentionLayers(m, adapter_for(m), "test_sizes", "test").route(range(4), record)
-        return m
-    shared = first_denoised(batch_sizes(apply_entropy_guidance(model, 2.0, layers=layers)), steps=2)
-    shared_sizes, sizes[:] = list(sizes), []
-    monkeypatch.setattr(WanAdapter, "prefix_blocks", None)
-    full = first_denoised(batch_sizes(apply_entropy_guidance(model, 2.0, layers=layers)), steps=2)
+    shared, full, shared_sizes, full_sizes = shared_and_full(model, layers, lambda m: first_denoised(m, steps=2), monkeypatch)
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
     first = int(layers.split(",")[0])
     # Second step (after the registry step): cond, uncond and two branches = 4 elements, but only
     # cond and uncond before the first registered layer.
-    joint = [s for s in shared_sizes if s[1] in (2, 4)][-4:]
-    assert joint == [(i, 2 if i < first else 4) for i in range(4)], shared_sizes
-    assert all(size == 4 for _, size in [s for s in sizes if s[1] in (2, 4)][-4:])
+    assert shared_sizes == [(i, 2 if i < first else 4) for i in range(4)], shared_sizes
+    assert full_sizes == [(i, 4) for i in range(4)]
 
 
 @pytest.mark.parametrize("fam_id", ["ltxv", "mochi", "hunyuan_video", "hunyuan_video_15"])
@@ -421,27 +428,14 @@ def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, 
     from test_families import BY_ID, sample as family_sample
     fam = BY_ID[fam_id]
     model = load(fam)
-    adapter = type(adapter_for(model))
     n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))
-    sizes = []
-
-    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
-        sizes.append((layer, q.shape[0]))
-        return call_next(q, k, v, heads, **kwargs)
-
-    def guided():
-        m = apply_entropy_guidance(model, 2.0, layers=str(n - 1)).clone()
-        SelfAttentionLayers(m, adapter_for(m), "test_sizes", "test").route(range(n), record)
-        return m
-    shared = family_sample(fam, guided(), steps=2)
-    shared_sizes, sizes[:] = list(sizes), []
-    monkeypatch.setattr(adapter, "prefix_points", lambda self, diffusion_model: None)
-    full = family_sample(fam, guided(), steps=2)
+    shared, full, shared_sizes, full_sizes = shared_and_full(model, str(n - 1), lambda m: family_sample(fam, m, steps=2),
+                                                             monkeypatch)
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
     assert not torch.equal(full, family_sample(fam, model, steps=2))  # the guidance acts
     # The last step: cond, uncond and two branches, but only cond and uncond before layer n - 1.
-    assert shared_sizes[-n:] == [(i, 2 if i < n - 1 else 4) for i in range(n)], shared_sizes
-    assert sizes[-n:] == [(i, 4) for i in range(n)]
+    assert shared_sizes == [(i, 2 if i < n - 1 else 4) for i in range(n)], shared_sizes
+    assert full_sizes == [(i, 4) for i in range(n)]
 
 
 def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
