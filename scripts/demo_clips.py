@@ -5,7 +5,7 @@ so the training script, the metrics and the tests see the same world.
 
 - shape: circle, square or triangle (squares and triangles rotate as they move)
 - colour: red, green, blue or yellow (saturated; backgrounds are low-saturation textures)
-- direction: left, right, up or down; the shape travels 22-35 px across the 17 frames and bounces
+- direction: left, right, up or down; the shape (20-26 px across) travels 19-29 px over the 17 frames and bounces
   (a hop along the other axis, like a ball)
 
 A prompt is the three labels, e.g. "red circle right". The text embedding of a prompt is what the
@@ -91,8 +91,8 @@ def render_clip(colour: str, shape: str, direction: str, seed: int, frames: int 
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     background = _background(g, size)
-    radius = r(8.0, 11.0)
-    speed = r(1.4, 2.2)
+    radius = r(10.0, 13.0)  # 20-26 px across: 2.5-3 cells of the VAE's 8x8 grid, so an outline survives
+    speed = r(1.2, 1.8)
     dx, dy = DIRECTIONS[direction]
     travel = speed * (frames - 1)
     margin = radius + 3

@@ -2,7 +2,8 @@
 
 1. a video VAE of Wan 2.1's family (ComfyUI's own `WanVAE` class, base width 8: what ComfyUI's VAE
    loader infers from `decoder.head.0.gamma`; 16 latent channels, 8x spatial and 4x causal temporal
-   compression: a 17x64x64 clip is a 5x8x8 latent), on 32x32 crops of 5- and 9-frame windows;
+   compression: a 17x64x64 clip is a 5x8x8 latent), on 32x32 crops, alternately four 5-frame
+   windows and one whole 17-frame clip;
 2. a text-to-video Wan 2.1 `WanModel` (width 128, so 1 head of 128 as ComfyUI's loader infers,
    6 blocks, FFN 384), trained on that VAE's latents with Wan's flow-matching objective, in
    ComfyUI's terms (comfy/model_sampling.py, ModelSamplingDiscreteFlow + CONST, multiplier 1000):
@@ -19,16 +20,14 @@ guidance. 15% of the DiT batches are single latent frames (a clip's first frame 
 causal VAE encodes it), so the same model also works frame-wise as an image model (EVS demo).
 
 Deterministic: fixed step counts, seeded data and noise, torch.set_num_threads(--threads) (default
-1: this runs on a shared 2-core machine, where more threads spin waiting on each other; float
-results depend on the thread count). The committed VAE comes from the default command, the
-committed DiT from the second command below on that VAE (training_log.json records both, with
-timings from a shared machine). Writes demo_models/freevideo_demo_wan21_vae.safetensors,
+2, this machine's cores; float results may depend on the thread count). The committed models come
+from the default command, run alone on the 2-core CPU (training_log.json records its arguments and
+timings). Writes demo_models/freevideo_demo_wan21_vae.safetensors,
 freevideo_demo_wan21_t2v.safetensors (fp16, real key names, loaded by ComfyUI's VAELoader /
-UNETLoader) and training_log.json.
+UNETLoader) and training_log.json. --dit-only keeps the VAE in --out and retrains the DiT alone.
 
-    source .runtime/env.sh && $FREEVIDEO_PYTHON scripts/train_demo_models.py            # ~14 min, 1 thread
-    $FREEVIDEO_PYTHON scripts/train_demo_models.py --dit-only --dit-steps 3000            # ~12 min more
-    $FREEVIDEO_PYTHON scripts/train_demo_models.py --smoke --out /tmp/x                   # seconds
+    source .runtime/env.sh && $FREEVIDEO_PYTHON scripts/train_demo_models.py     # ~30 min
+    $FREEVIDEO_PYTHON scripts/train_demo_models.py --smoke --out /tmp/x          # seconds
 """
 
 import argparse
@@ -52,6 +51,7 @@ VAE_CONFIG = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn
                   temperal_downsample=[False, True, True], dropout=0.0)
 DIT_CONFIG = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=384, freq_dim=256,
                   text_dim=demo_clips.TEXT_DIM, out_dim=16, num_heads=1, num_layers=6)
+HELD_OUT_SEED = 1_000_000  # the DiT's held-out clips: seeds no training clip has
 LABEL_DROP = 0.15
 IMAGE_BATCHES = 0.15
 
@@ -149,7 +149,10 @@ def train_vae(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
         frac = step / max(1, steps)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        frames, batch = (5, 4) if step % 3 else (9, 2)
+        # every other batch is one whole-length clip: the decoder's causal cache must learn every latent
+        # frame of a 17-frame clip (trained on 5- and 9-frame windows only, the 4th and 5th latent
+        # frames drifted in colour)
+        frames, batch = (5, 4) if step % 2 else (demo_clips.FRAMES, 1)
         x = clip_batch([10_000_000 + step * 4 + i for i in range(batch)], frames, g, crop=32)
         mu = vae.encode(x)
         # a little latent noise: the decoder must tolerate the DiT's imperfect latents
@@ -169,13 +172,14 @@ def train_vae(vae, steps: int, g: torch.Generator, lr: float = 1e-3):
 
 
 @torch.no_grad()
-def encode_clips(vae, count: int, batch: int = 8):
-    """The data set: clip i has labels clip_labels(i) and seed i. Returns raw latents and labels."""
+def encode_clips(vae, count: int, batch: int = 8, seed0: int = 0):
+    """Clip i has labels clip_labels(i) and seed seed0 + i (the data set: seed0 0). Returns raw latents
+    and labels."""
     latents, labels = [], []
     for first in range(0, count, batch):
         idx = list(range(first, min(count, first + batch)))
         labs = [demo_clips.clip_labels(i) for i in idx]
-        x = torch.stack([demo_clips.render_clip(*lab, seed=i)["video"] for lab, i in zip(labs, idx)]) * 2 - 1
+        x = torch.stack([demo_clips.render_clip(*lab, seed=seed0 + i)["video"] for lab, i in zip(labs, idx)]) * 2 - 1
         latents.append(vae.encode(x))
         labels += labs
     return torch.cat(latents), labels
@@ -283,11 +287,12 @@ def save(module, path: Path, dtype=torch.float16):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "demo_models")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it; default 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, this machine's cores; float "
+                   "results may depend on it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=2600)
     p.add_argument("--clips", type=int, default=288, help="clips in the DiT's data set (6 per label combination)")
-    p.add_argument("--dit-steps", type=int, default=800)
+    p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--dit-batch", type=int, default=16)
     p.add_argument("--dit-only", action="store_true",
                    help="keep the VAE in --out (trained and recalibrated by an earlier run) and train only the DiT on "
@@ -323,7 +328,7 @@ def main(argv=None):
         data = recalibrate_vae(vae, data)
         report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
         save(vae, args.out / VAE_FILE)
-    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1)
+    held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1, seed0=HELD_OUT_SEED)
     mean, std = wan21_latent_stats()
     data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
     held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)

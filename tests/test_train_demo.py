@@ -35,7 +35,7 @@ def test_smoke_training_writes_models_comfyui_loads(tmp_path):
                     "demo models train on the embedded ComfyUI 0.3.75 runtime (bash scripts/test.sh sets it up)")
     report = train_demo_models.main(["--smoke", "--out", str(tmp_path)])
     assert report["vae_history"] and report["dit_history"]
-    assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == 1
+    assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == 2
     model = comfy.sd.load_diffusion_model(str(tmp_path / train_demo_models.DIT_FILE))
     config = model.model.model_config.unet_config
     for key in ("dim", "ffn_dim", "num_layers", "num_heads", "in_dim", "out_dim"):
