@@ -82,3 +82,12 @@ def test_flow_objective_matches_comfyui_wan_sampling():
     assert torch.allclose(const.calculate_denoised(sigma, noise - x0, x_t), x0, atol=1e-6)
     flow = comfy.model_sampling.ModelSamplingDiscreteFlow()
     assert torch.allclose(flow.timestep(sigma), sigma * 1000)
+
+
+def test_training_noise_levels_are_shifted_as_the_demo_samples():
+    """The DiT trains at the noise levels the demo samples at: ComfyUI's shift-3 schedule puts most
+    levels high, so must the training (median of the unshifted mix 0.5, shifted 0.75)."""
+    import demo
+    assert train_demo_models.SIGMA_SHIFT == demo.SHIFT
+    sigmas = train_demo_models.sample_sigmas(20000, torch.Generator().manual_seed(0))
+    assert 0.72 < sigmas.median() < 0.78 and 0 < sigmas.min() and sigmas.max() < 1
