@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import demo_clips  # noqa: E402
 import demo_metrics  # noqa: E402
+import train_demo_models  # noqa: E402
 
 MODELS = ROOT / "demo_models"
 UNET = MODELS / "freevideo_demo_wan21_t2v.safetensors"
@@ -50,7 +51,8 @@ WORKFLOW = ROOT / "workflows" / "wan21_t2v_enhance_a_video.json"
 OUTPUT = ROOT / "output"
 
 # Sampling settings of the plain model, shared by every node (not tuned per node).
-STEPS, CFG, SAMPLER, SCHEDULER, SHIFT = 20, 5.0, "uni_pc", "simple", 3.0
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 5.0, "uni_pc", "simple"
+SHIFT = train_demo_models.SIGMA_SHIFT  # the shift the DiT was trained for
 LATENT_SHAPE = (1, 16, 5, 8, 8)  # 17 frames of 64x64 through the Wan 2.1 VAE
 PROMPTS = [("red", "circle", "right"), ("blue", "square", "left"), ("green", "triangle", "down"),
            ("yellow", "circle", "up"), ("blue", "triangle", "right"), ("red", "square", "down"),

@@ -52,7 +52,7 @@ VAE_CONFIG = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn
 DIT_CONFIG = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=384, freq_dim=256,
                   text_dim=demo_clips.TEXT_DIM, out_dim=16, num_heads=1, num_layers=6)
 HELD_OUT_SEED = 1_000_000  # the DiT's held-out clips: seeds no training clip has
-SIGMA_SHIFT = 3.0  # the shift the demo samples with (ModelSamplingSD3), see sample_sigmas
+SIGMA_SHIFT = 3.0  # the DiT trains for sampling with this shift (ModelSamplingSD3; the demo's), see sample_sigmas
 LABEL_DROP = 0.15
 IMAGE_BATCHES = 0.15
 
@@ -335,9 +335,9 @@ def main(argv=None):
         report["vae_psnr_db"] = round(vae_psnr(vae, held_psnr_seeds(args)), 2)
         save(vae, args.out / VAE_FILE)
     held_raw, held_labels = encode_clips(vae, 16 if not args.smoke else 1, seed0=HELD_OUT_SEED)
-    mean, std = wan21_latent_stats()
-    data = (data - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # ComfyUI's process_in
-    held = (held_raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    import comfy.latent_formats
+    process_in = comfy.latent_formats.Wan21().process_in  # what ComfyUI's Wan model does to a latent
+    data, held = process_in(data), process_in(held_raw)
     report["encode_seconds"] = round(time.time() - t0, 1)
     log(f"vae: PSNR {report['vae_psnr_db']} dB on held-out clips; {len(data)} clips encoded in {report['encode_seconds']} s")
 
