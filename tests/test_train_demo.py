@@ -51,6 +51,9 @@ def test_smoke_training_writes_models_comfyui_loads(tmp_path):
     assert (tmp_path / train_demo_models.VAE_FILE).read_bytes() == vae_bytes
     assert again["vae_from"]["out"] == tmp_path.name and again["vae_history"] == report["vae_history"]
     assert again["args"]["dit_only"] and again["dit_history"]
+    # a second --dit-only run still names the command that trained the VAE
+    third = train_demo_models.main(["--smoke", "--dit-only", "--out", str(tmp_path)])
+    assert third["vae_from"] == again["vae_from"] and not third["vae_from"]["dit_only"]
 
 
 def test_recalibration_normalises_latents_and_keeps_decoding():
@@ -91,3 +94,32 @@ def test_training_noise_levels_are_shifted_as_the_demo_samples():
     assert train_demo_models.SIGMA_SHIFT == demo.SHIFT
     sigmas = train_demo_models.sample_sigmas(20000, torch.Generator().manual_seed(0))
     assert 0.72 < sigmas.median() < 0.78 and 0 < sigmas.min() and sigmas.max() < 1
+
+
+def test_shape_cells_follow_the_causal_latent_grid():
+    """Latent frame 0 is frame 0 alone, latent frame k frames 4k-3 .. 4k; a cell counts when the shape
+    touches any of its 8x8 pixels in those frames."""
+    mask = torch.zeros(9, 16, 16, dtype=torch.bool)
+    mask[0, :8, :8] = True    # frame 0: the whole top-left cell
+    mask[2, 8, 15] = True     # frame 2 (latent frame 1): one pixel of the bottom-right cell
+    mask[8, 0:8, 8:10] = True  # frame 8 (latent frame 2): a quarter of the top-right cell
+    cells = train_demo_models.shape_cells(mask)
+    assert cells.shape == (1, 3, 2, 2)
+    expected = torch.zeros(3, 2, 2)
+    expected[0, 0, 0] = expected[1, 1, 1] = expected[2, 0, 1] = 1.0
+    assert torch.equal(cells[0], expected)
+
+
+def test_shape_cells_weigh_in_the_flow_loss():
+    """The cells the shape touches weigh 1 + SHAPE_WEIGHT: an error there costs that much more."""
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, context):
+            return torch.zeros_like(x)
+    x0, noise = torch.zeros(1, 16, 1, 2, 2), torch.zeros(1, 16, 1, 2, 2)
+    noise[..., 0, 0] = 1.0  # the target noise - x0 is 1 in cell (0, 0) only; the model predicts 0
+    sigma = torch.tensor([0.5])
+    cells = torch.zeros(1, 1, 1, 2, 2)
+    assert train_demo_models.flow_loss(Zero(), x0, None, sigma, noise, cells) == pytest.approx(1 / 4)
+    cells[..., 0, 0] = 1.0
+    w = 1 + train_demo_models.SHAPE_WEIGHT
+    assert train_demo_models.flow_loss(Zero(), x0, None, sigma, noise, cells) == pytest.approx(w / (w + 3))
