@@ -54,21 +54,27 @@ def as_frames(video: torch.Tensor) -> torch.Tensor:
     return video.clamp(0, 1)
 
 
-def object_mask(frames: torch.Tensor) -> torch.Tensor:
+def saturation(frames: torch.Tensor) -> torch.Tensor:
+    """max - min of RGB per pixel, [T, H, W]: the shapes are saturated, the backgrounds are not."""
     frames = as_frames(frames)
-    return (frames.amax(-1) - frames.amin(-1)) > SATURATED
+    return frames.amax(-1) - frames.amin(-1)
 
 
-def outline_harmonics(saturation: torch.Tensor, cx: float, cy: float) -> tuple[float, float]:
+def object_mask(frames: torch.Tensor) -> torch.Tensor:
+    return saturation(frames) > SATURATED
+
+
+def outline_harmonics(sat_map: torch.Tensor, cx: float, cy: float) -> tuple[float, float]:
     """Amplitudes of the 3rd and 4th harmonics of the outline radius r(theta) / mean r, from RAYS rays
-    out of (cx, cy) (pixel centres at integers) on the saturation map [H, W], sampled every 1/4 px."""
-    H, W = saturation.shape
+    out of (cx, cy) (pixel centres at integers) on the saturation map `sat_map` [H, W], sampled every
+    1/4 px."""
+    H, W = sat_map.shape
     theta = torch.arange(RAYS) * (2 * math.pi / RAYS)
     radii = torch.arange(0, max(H, W) / 2, 0.25)
     px = cx + radii[None] * torch.cos(theta)[:, None]
     py = cy + radii[None] * torch.sin(theta)[:, None]
     grid = torch.stack([(px + 0.5) / W * 2 - 1, (py + 0.5) / H * 2 - 1], dim=-1)[None]
-    along = F.grid_sample(saturation[None, None], grid, align_corners=False)[0, 0]  # [rays, radii]
+    along = F.grid_sample(sat_map[None, None], grid, align_corners=False)[0, 0]  # [rays, radii]
     r = radii[(along <= SATURATED).float().argmax(1)]  # where each ray first leaves the shape
     spectrum = torch.fft.rfft(r / r.mean().clamp_min(1e-6)).abs() * (2 / RAYS)
     return spectrum[3].item(), spectrum[4].item()
@@ -78,20 +84,20 @@ def detect(frames: torch.Tensor) -> dict:
     """The shape in each frame: centroids [T, 2] (x, y; NaN where none), areas [T], and the
     clip's colour, shape and direction labels (None where undecidable)."""
     frames = as_frames(frames)
-    mask = object_mask(frames)
+    sat = saturation(frames)
+    mask = sat > SATURATED  # object_mask, from the saturation the outlines are traced on
     T, H, W = mask.shape
     yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     centres = torch.full((T, 2), float("nan"))
     areas = mask.flatten(1).sum(1).float()
     corners, hues = [], []
-    saturation = frames.amax(-1) - frames.amin(-1)
     for t in range(T):
         m = mask[t]
         if m.sum() < MIN_AREA:
             continue
         cx, cy = xx[m].mean(), yy[m].mean()
         centres[t] = torch.stack([cx, cy])
-        corners.append(outline_harmonics(saturation[t], cx.item(), cy.item()))
+        corners.append(outline_harmonics(sat[t], cx.item(), cy.item()))
         hues.append(_hue(frames[t][m]))
     out = {"centres": centres, "areas": areas, "mask": mask, "colour": None, "shape": None, "direction": None}
     if not hues:
