@@ -11,6 +11,27 @@ import in_process  # noqa: E402
 
 in_process.setup()
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _RootIsAPlainFolder:
+    """The repository root is ComfyUI's custom-node package (its __init__.py imports the nodes
+    relatively). pytest would collect it as a test package and import that __init__.py by the folder's
+    name, which fails for every test where the clone's folder name is no Python identifier (a clone
+    named ComfyUI-FreeVideo). The tests import the pack themselves (in_process), so the root is
+    collected as a plain folder. A plugin, not a conftest hook: conftests are not asked about the
+    folder they sit in or above."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == REPO:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RootIsAPlainFolder(), "freevideo-root-folder")
+
 
 @pytest.fixture(scope="session")
 def wan21():

@@ -7,6 +7,7 @@
   enabled where this ComfyUI has one) and must list every node of the pack.
 - `comfy node validate` (comfy-cli, in a small virtual environment of its own) passes on
   pyproject.toml without warnings, and pyproject.toml has every field the Registry shows.
+- The suite runs from a clone named like the repository (ComfyUI-FreeVideo), as users clone it.
 
 The ComfyUI tree under test (embedded or COMFYUI_PATH) is copied, never modified. The Manager's own
 network fetches (node lists, the registry) go to a closed loopback proxy and fail at once, as on
@@ -234,3 +235,17 @@ def test_comfy_node_validate_passes_without_warnings(tmp_path):
     assert result.returncode == 0, output
     assert "All validation checks passed" in output, output
     assert not re.search(r"warning|error", output, re.I), output
+
+
+def test_suite_runs_in_a_clone_named_like_the_repository(tmp_path):
+    """A user's clone is named after the repository, which is no Python identifier: pytest must not
+    import the root's __init__.py by that name (it did, and every test of the suite errored)."""
+    clone = tmp_path / PACK_NAME
+    for name in git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).splitlines():
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_demo_metrics.py::test_label_embedding_is_the_test_nodes"],
+                            cwd=clone, env=dict(os.environ, COMFYUI_PATH=str(COMFY)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]
