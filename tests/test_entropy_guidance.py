@@ -431,7 +431,10 @@ def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, 
     n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))
     shared, full, shared_sizes, full_sizes = shared_and_full(model, str(n - 1), lambda m: family_sample(fam, m, steps=2),
                                                              monkeypatch)
-    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    # float32 rounding: the shared run multiplies batches of 2 where the full one multiplies 4, and
+    # outputs reach 20 in magnitude (HunyuanVideo), so single elements differ by up to 1.5e-5; the
+    # guidance itself moves the result by 0.3-0.65 on average
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
     assert not torch.equal(full, family_sample(fam, model, steps=2))  # the guidance acts
     # The last step: cond, uncond and two branches, but only cond and uncond before layer n - 1.
     assert shared_sizes == [(i, 2 if i < n - 1 else 4) for i in range(n)], shared_sizes

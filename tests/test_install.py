@@ -127,7 +127,7 @@ def test_manager_installs_the_committed_head_with_its_requirements(manager_insta
     assert git("rev-parse", "HEAD", cwd=pack) == git("rev-parse", "HEAD", cwd=ROOT)
     assert git("status", "--porcelain", cwd=pack) == "", "the Manager's clone differs from the commit"
     # The Manager runs the pack's requirements.txt through ComfyUI's Python (pip or uv).
-    assert re.search(r"'pip', 'install', 'einops'", output), output[-4000:]
+    assert re.search(r"'pip',\s+'install',\s+'einops'", output), output[-4000:]
     assert "ERROR" not in output, output[-4000:]
 
 
