@@ -11,8 +11,6 @@ import in_process  # noqa: E402
 
 in_process.setup()
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 class _RootIsAPlainFolder:
     """The repository root is ComfyUI's custom-node package (its __init__.py imports the nodes
@@ -24,7 +22,7 @@ class _RootIsAPlainFolder:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collect_directory(self, path, parent):
-        if path == REPO:
+        if path == in_process.ROOT:
             return pytest.Dir.from_parent(parent, path=path)
         return None
 
