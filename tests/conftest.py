@@ -18,11 +18,11 @@ class _RootIsAPlainFolder:
     name, which fails for every test where the clone's folder name is no Python identifier (a clone
     named ComfyUI-FreeVideo). The tests import the pack themselves (in_process), so the root is
     collected as a plain folder. A plugin, not a conftest hook: conftests are not asked about the
-    folder they sit in or above."""
+    folder they sit in or above. pytest's path may go through a symlink, ROOT does not."""
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collect_directory(self, path, parent):
-        if path == in_process.ROOT:
+        if path.resolve() == in_process.ROOT:
             return pytest.Dir.from_parent(parent, path=path)
         return None
 

@@ -245,7 +245,13 @@ def test_suite_runs_in_a_clone_named_like_the_repository(tmp_path):
         if (ROOT / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, clone / name)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_demo_metrics.py::test_label_embedding_is_the_test_nodes"],
-                            cwd=clone, env=dict(os.environ, COMFYUI_PATH=str(COMFY)), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:]
+    # and through a symlink of that name (a clone kept elsewhere and linked into custom_nodes)
+    link = tmp_path / "custom_nodes" / PACK_NAME
+    link.parent.mkdir()
+    link.symlink_to(clone)
+    for where in (clone, link):
+        test = where / "tests" / "test_demo_metrics.py"
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", f"{test}::test_label_embedding_is_the_test_nodes"],
+                                cwd=tmp_path, env=dict(os.environ, COMFYUI_PATH=str(COMFY)), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0 and "1 passed" in result.stdout, (where, result.stdout[-3000:])
