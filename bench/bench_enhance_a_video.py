@@ -70,14 +70,15 @@ class PeakRSS:
 def wan_bench_model(layers: int):
     """The Wan-shaped benchmark model (1.3B width, `layers` layers, seeded random weights) through
     ComfyUI's loader, in this process, CPU threads as the machine has, denormals flushed."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import in_process
+    # The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+    sys.path.append(str(ROOT))
+    from support import in_process
     in_process.setup()
     import torch
     import comfy.ops
     import comfy.sd
     from comfy.ldm.wan.model import WanModel
-    import tiny_models
+    from support import tiny_models
 
     torch.set_num_threads(os.cpu_count())
     # Random weights can produce denormal floats, which CPUs compute many times slower; a scaled run
@@ -94,7 +95,7 @@ def wan_bench_model(layers: int):
 def timed_sampling(config: str, model, latent: dict, steps: int) -> dict:
     """Seconds and peak RSS of one KSampler run (CFG 5) after a warm-up that loads the model."""
     import torch
-    from sampling import ksample, text_conditioning
+    from support.sampling import ksample, text_conditioning
     pos, neg = text_conditioning(seed=1), text_conditioning(seed=2)
     # Warm-up (loads the model) on a small latent with the same frame count: KJNodes' node fixes the
     # frame count when it runs.

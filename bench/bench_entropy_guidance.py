@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import in_process  # noqa: E402
+# The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+sys.path.append(str(ROOT))
+from support import in_process  # noqa: E402
 
 in_process.setup()
 
@@ -34,11 +35,11 @@ import torch  # noqa: E402
 
 import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
-import tiny_models  # noqa: E402
 from freevideo.enhance_core.attention_entropy import DEFAULT_ROWS, attention_entropy  # noqa: E402
 from freevideo.enhance_core.attention_hooks import add_attention_override  # noqa: E402
 from freevideo.enhance_core.entropy_guidance import PAIRS, apply_entropy_guidance  # noqa: E402
-from sampling import text_conditioning  # noqa: E402
+from support import tiny_models  # noqa: E402
+from support.sampling import text_conditioning  # noqa: E402
 
 DIM, LAYERS, FFN = 256, 6, 1024
 FRAMES, HEIGHT, WIDTH = 2, 60, 104

@@ -32,8 +32,9 @@ IMAGE_STEPS, STRENGTH, T_T2V, VIDEO_STEPS, T_V, N_V = 50, 0.4, 10, 8, 4, 4
 
 
 def setup():
-    sys.path.insert(0, str(ROOT / "tests"))
-    import in_process
+    # The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+    sys.path.append(str(ROOT))
+    from support import in_process
     in_process.setup()
 
 
@@ -102,9 +103,9 @@ def main():
     setup()
     import torch
     import nodes
-    import tiny_image_models as T
-    import tiny_models
-    from sampling import text_conditioning
+    from support import tiny_image_models as T
+    from support import tiny_models
+    from support.sampling import text_conditioning
     from freevideo.nodes.evs_sampler import EVSSampler
 
     torch.set_grad_enabled(False)

@@ -37,8 +37,9 @@ def accumulation_cost(tokens: int, repeats: int = 5) -> float:
     uncond, on the model's device in its dtype): add the block's output to the running sum and mix
     the next block's input in place. Set against the plain run's time per block call, it is the part
     of the overhead that does not drown in a shared machine's noise."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import in_process
+    # The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from support import in_process
     in_process.setup()
     import time
     import torch

@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
-import in_process  # noqa: E402
+sys.path.insert(0, str(ROOT / "scripts"))
+# The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+sys.path.append(str(ROOT))
+from support import in_process  # noqa: E402
 
 in_process.setup()
 
@@ -389,7 +391,7 @@ def server_prompt(prompt: dict) -> dict:
 
 
 def run_server():
-    from comfy_server import ComfyServer
+    from support.comfy_server import ComfyServer
     from workflow_api import to_api
     base = ROOT / ".runtime" / "demo"
     shutil.rmtree(base, ignore_errors=True)

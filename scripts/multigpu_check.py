@@ -11,18 +11,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import in_process  # noqa: E402
+# The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from support import in_process  # noqa: E402
 
 if torch.cuda.device_count() < 2:
     sys.exit(f"needs two CUDA GPUs; this machine has {torch.cuda.device_count()}")
 in_process.setup(cpu=False)
 
-import tiny_models  # noqa: E402
 from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode  # noqa: E402
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video  # noqa: E402
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance  # noqa: E402
-from sampling import ksample, text_conditioning, video_latent  # noqa: E402
+from support import tiny_models  # noqa: E402
+from support.sampling import ksample, text_conditioning, video_latent  # noqa: E402
 
 NODES = {"Enhance-A-Video": lambda m: apply_enhance_a_video(m, weight=4.0),
          "IE-Adapt guidance": lambda m: apply_entropy_guidance(m, 1.0)}

@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+sys.path.insert(0, str(ROOT / "scripts"))
+# The root, for `support`; appended: its nodes/ must not shadow ComfyUI's nodes.py.
+sys.path.append(str(ROOT))
 
 import demo_clips  # noqa: E402
 
@@ -333,7 +335,7 @@ def main(argv=None):
     if args.smoke:
         args.vae_steps, args.clips, args.dit_steps, args.dit_batch = 1, 2, 2, 2
 
-    import in_process
+    from support import in_process
     in_process.setup()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

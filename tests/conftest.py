@@ -1,13 +1,18 @@
 """Test set-up: a real ComfyUI (COMFYUI_PATH, default the embedded .runtime/ComfyUI) imported in
-process, CPU and PyTorch SDPA attention as on GPUs, and the pack imported as package `freevideo`."""
+process, CPU and PyTorch SDPA attention as on GPUs, and the pack imported as package `freevideo`.
+The helpers live in the repository root's `support` package."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import in_process  # noqa: E402
+# Appended, not prepended: the root holds the pack's `nodes` package, which must not shadow
+# ComfyUI's nodes.py (in_process.setup puts ComfyUI first).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+from support import in_process  # noqa: E402
 
 in_process.setup()
 
@@ -33,5 +38,14 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def wan21():
-    import tiny_models
+    from support import tiny_models
     return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_family_models():
+    # The family models are shared by the whole session; let their patchers go while ComfyUI is
+    # still whole (their __del__ needs it).
+    yield
+    from support import families
+    families.release()

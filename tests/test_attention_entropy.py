@@ -1,25 +1,10 @@
 """Attention entropy: exact against a naive softmax, the sampled estimate against the exact value."""
 
-import math
-
 import pytest
 import torch
 
 from freevideo.enhance_core import attention_entropy as ae
-
-
-def naive_entropy(q, k, mask=None):
-    """Materialise softmax(q k^T / sqrt(D)) and take -sum p log p / log(n_keys) per row."""
-    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-    n = torch.full(s.shape[:-1], s.shape[-1], dtype=torch.float64)
-    if mask is not None:
-        m = ae.mask_4d(mask)
-        allowed = m if m.dtype == torch.bool else m > -1e4
-        s = s + (torch.zeros(m.shape, dtype=torch.float64).masked_fill(~m, float("-inf")) if m.dtype == torch.bool else m.double())
-        n = allowed.sum(-1).expand(s.shape[:-1]).double()
-    p = s.softmax(-1)
-    h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-    return (h / n.log()).float()
+from support.reference import naive_entropy
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0, 8.0])

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import browser_page
-import tiny_models
-from comfy_server import PACK_NAME, ComfyServer
-from in_process import ROOT
+from support import browser_page, tiny_models
+from support.comfy_server import PACK_NAME, ComfyServer
+from support.in_process import ROOT
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SCREENSHOTS = ROOT / "docs" / "images" / "workflows"

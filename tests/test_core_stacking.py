@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 import comfy.patcher_extension
 import folder_paths
 import nodes
-import tiny_models
 from freevideo.enhance_core import enhance_a_video as enhance_a_video_module
 from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.nodes.enhance_a_video import EnhanceAVideo
 from freevideo.nodes.entropy_guidance import EntropyGuidance
-from sampling import ksample, text_conditioning, video_latent
+from support import tiny_models
+from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
 # An effect counts as present when it moves the result by more than this (relative to the result's

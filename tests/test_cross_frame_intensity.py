@@ -2,22 +2,9 @@
 
 import pytest
 import torch
-from einops import rearrange
 
 from freevideo.enhance_core.cross_frame_intensity import enhance_scale
-
-
-def naive_scale(q, k, frames, weight):
-    """Official recipe, per batch element: (b s) h f d regroup, float32 softmax, off-diagonal mean."""
-    scales = []
-    for b in range(q.shape[0]):
-        qb = rearrange(q[b:b + 1].float(), "b (f s) h d -> (b s) h f d", f=frames)
-        kb = rearrange(k[b:b + 1].float(), "b (f s) h d -> (b s) h f d", f=frames)
-        attn = (qb @ kb.transpose(-1, -2) / qb.shape[-1] ** 0.5).softmax(-1)
-        off = ~torch.eye(frames, dtype=torch.bool)
-        cfi = attn[..., off].mean()
-        scales.append(((frames + weight) * cfi).clamp(min=1))
-    return torch.stack(scales)
+from support.reference import naive_scale
 
 
 @pytest.mark.parametrize("frames,heads,batch,dtype", [

@@ -83,7 +83,7 @@ def test_summary_has_mean_and_spread():
 
 def test_label_embedding_is_the_test_nodes():
     """The training script's conditioning is what FreeVideoTestTextConditioning gives each label."""
-    import in_process
+    from support import in_process
     in_process.setup()
     from comfy_test_nodes import TestTextConditioning
     node = TestTextConditioning.execute("red", demo_clips.LABEL_TOKENS, demo_clips.TEXT_DIM)

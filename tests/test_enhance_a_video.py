@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
-from sampling import force_unbatched, ksample, text_conditioning, video_latent
+from support.sampling import force_unbatched, ksample, text_conditioning, video_latent
 
 
 def sample(model, latent=None, **kw):
@@ -57,7 +57,7 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
     """Layer 1 of a real sampling step: its self-attention output (after the projection) equals the
     projected kernel output times the naive official scale, per batch element (cond and uncond)."""
     from freevideo.enhance_core.attention_hooks import add_attention_override
-    from test_cross_frame_intensity import naive_scale
+    from support.reference import naive_scale
 
     recorder = wan21.clone()
     kernel_calls = []

@@ -9,8 +9,8 @@ import torch
 from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
 from freevideo.enhance_core.entropy_editing import EntropyEditing, apply_entropy_editing
 from freevideo.enhance_core.models import adapter_for
-from sampling import ksample, text_conditioning, video_latent
-from test_families import FAMILIES, FRAMES, conditioning, load
+from support.families import FAMILIES, FRAMES, conditioning, load
+from support.sampling import ksample, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
 

@@ -12,9 +12,9 @@ from freevideo.enhance_core.attention_hooks import SelfAttentionLayers, add_atte
 from freevideo.enhance_core.attention_inspector import inspect_attention, render_chart
 from freevideo.enhance_core.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance, map_span
 from freevideo.enhance_core.models import adapter_for
-from sampling import force_unbatched, ksample, text_conditioning, video_latent
-from test_attention_entropy import naive_entropy
-from test_families import FAMILIES, FRAMES, conditioning, load
+from support.families import FAMILIES, FRAMES, conditioning, load
+from support.reference import naive_entropy
+from support.sampling import force_unbatched, ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
 LOG = "freevideo.enhance_core.entropy_guidance"
@@ -409,7 +409,7 @@ def shared_and_full(model, layers: str, sample, monkeypatch):
 def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_layer(layers, monkeypatch):
     """Wan: the branches copy the conditional element up to the first registered layer, so the blocks
     before it run without them; the guided result equals running the branches through every block."""
-    import tiny_models
+    from support import tiny_models
     model = tiny_models.load_diffusion_model(tiny_models.wan21_t2v())
     shared, full, shared_sizes, full_sizes = shared_and_full(model, layers, lambda m: first_denoised(m, steps=2), monkeypatch)
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
@@ -425,7 +425,7 @@ def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, 
     """LTX-Video, Mochi and HunyuanVideo share the prefix too (ComfyUI's block-replace points, in
     self-attention layer order; Mochi's and HunyuanVideo's double blocks carry the text stream as
     well): the sampled result equals the branches run through every block."""
-    from test_families import BY_ID, sample as family_sample
+    from support.families import BY_ID, sample as family_sample
     fam = BY_ID[fam_id]
     model = load(fam)
     n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))

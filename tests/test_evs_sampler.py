@@ -18,11 +18,11 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
-import tiny_image_models as T
-import tiny_models
-from sampling import text_conditioning
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.evs_sampler import Stage, evs_sample
+from support import tiny_image_models as T
+from support import tiny_models
+from support.sampling import text_conditioning
 
 ROOT = Path(__file__).resolve().parent.parent
 WAN_DIM = 4096
@@ -230,7 +230,7 @@ def test_sfi_inverts_with_the_video_model_and_injects_recorded_features(qwen, wa
     """DDIM inversion of x0_I (conditional only), then Attn(g*Q_inv + (1-g)*Q, K_inv, V_inv) in the
     chosen layer. A recorder installed under the SFI override sees the kernel inputs after injection.
     Also: the pixel path with SFI is deterministic and leaves the input models untouched."""
-    from sampling import ksample
+    from support.sampling import ksample
     cond = text_conditioning(dim=WAN_DIM, seed=1), text_conditioning(dim=WAN_DIM, seed=2)
     plain = lambda: ksample(wan21, wan_video(), *cond, steps=2, cfg=2.0)
     plain_before = plain()
@@ -354,7 +354,7 @@ def test_inversion_then_sampling_returns_the_input(family, sd15, wan21):
     step of the same size). Measured (round trip / bound): SD1.5 0.018 / 0.061, Wan 0.025 / 0.158,
     Cosmos 1.0 0.059 / 0.097, Cosmos-Predict2 0.064 / 0.097. Feeding the network the latent scaled for
     the target level instead (the earlier step) gives 0.17 (SD1.5) and 0.40 (both Cosmos)."""
-    from test_families import BY_ID, conditioning, load
+    from support.families import BY_ID, conditioning, load
     kind = family.split()[0]
     if kind == "sd15":
         model, scheduler, shape, positive = sd15, "normal", (1, 4, 8, 8), text_conditioning(dim=T.SD15_CONTEXT_DIM, seed=1)
@@ -497,7 +497,7 @@ def test_node_schema_execute_and_workflows(sd15):
 def test_through_comfyuis_own_server(tmp_path):
     """As users run it: ComfyUI's server, API prompt with loaders, Wan 2.1 as both the image and the
     video model (pixel bridge, SFI on), outputs saved; a bad t_T2V is reported before sampling."""
-    from comfy_server import ComfyServer
+    from support.comfy_server import ComfyServer
     from safetensors.torch import load_file
     wan, vae = tiny_models.wan21_t2v(), tiny_models.wan21_vae()
     cond = lambda text: {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": text, "tokens": 8, "dim": WAN_DIM}}

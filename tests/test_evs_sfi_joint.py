@@ -8,8 +8,8 @@ import torch
 from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
 from freevideo.enhance_core.evs_sampler import SFI_SETTINGS, SelectiveFeatureInjection, sfi_layers_and_gamma
 from freevideo.enhance_core.models import adapter_for
-from sampling import ksample
-from test_families import FAMILIES, FRAMES, conditioning, load
+from support.families import FAMILIES, FRAMES, conditioning, load
+from support.sampling import ksample
 
 GAMMA = 0.7
 

@@ -1,5 +1,5 @@
 """Enhance-A-Video on every native ComfyUI video family, through ComfyUI's real loaders, model
-patcher and KSampler, on tiny models (tests/tiny_models.py).
+patcher and KSampler, on tiny models (support/tiny_models.py, the families in support/families.py).
 
 Per family: the loader builds the intended model class; the node changes sampling, is bit-identical
 at weight 0 and leaves the input model untouched. For the families where the scale does not land
@@ -10,104 +10,15 @@ sampling step is checked against the naive official formula at the point where i
 CogVideoX and Kandinsky 5 exist only in newer ComfyUI: their tests skip on a ComfyUI without them.
 """
 
-import importlib
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
-import tiny_models
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.models import adapter_for
-from sampling import ksample
-from test_cross_frame_intensity import naive_scale
-
-TEXT_TOKENS = 8
-FRAMES = 3
-
-
-@dataclass(frozen=True)
-class Family:
-    id: str
-    model_base: str  # class name in comfy.model_base
-    config: str  # class name in comfy.supported_models
-    adapter: str  # adapter name
-    file: str  # tiny_models function that writes the weights
-    channels: int
-    size: int  # latent height and width
-    text_dim: int
-    extras: dict = field(default_factory=dict)  # extra conditioning: name -> shape (tensors) or value
-    loader: str | None = None  # tiny_models function that builds the patcher (None: ComfyUI's loader)
-    requires: str | None = None  # module the running ComfyUI must have
-    layers: int = 2  # self-attention layers of the tiny model
-
-
-FAMILIES = [
-    Family("wan22_ti2v_5b", "WAN22", "WAN22_T2V", "Wan 2.1 / 2.2", "wan22_ti2v_5b", 48, 8, 4096),
-    Family("hunyuan_video", "HunyuanVideo", "HunyuanVideo", "HunyuanVideo 1.0 / 1.5", "hunyuan_video_t2v", 16, 8, 4096,
-           {"pooled_output": (1, 768), "guidance": 6.0}, layers=4),
-    Family("hunyuan_video_15", "HunyuanVideo15", "HunyuanVideo15", "HunyuanVideo 1.0 / 1.5", "hunyuan_video_15", 32, 4,
-           3584, {"pooled_output": (1, 768)}),
-    Family("ltxv", "LTXV", "LTXV", "LTX-Video", "ltxv", 128, 4, 4096, {"attention_mask": "ones"}),
-    Family("mochi", "GenmoMochi", "GenmoMochi", "Mochi", "mochi", 12, 8, 256,
-           {"attention_mask": "ones"}, loader="load_mochi"),
-    Family("cosmos_predict2", "CosmosPredict2", "CosmosT2IPredict2", "Cosmos-Predict2", "cosmos_predict2", 16, 8, 1024,
-           layers=10),
-    Family("cosmos1", "CosmosVideo", "CosmosT2V", "Cosmos 1.0", "cosmos1", 16, 8, 1024, loader="load_cosmos1"),
-    Family("cogvideox", "CogVideoX", "CogVideoX_T2V", "CogVideoX (newer ComfyUI)", "cogvideox", 16, 8, 4096,
-           requires="comfy.ldm.cogvideo.model"),
-    Family("kandinsky5", "Kandinsky5", "Kandinsky5", "Kandinsky 5 (newer ComfyUI)", "kandinsky5", 16, 8, 3584,
-           {"pooled_output": (1, 768)}, requires="comfy.ldm.kandinsky5.model"),
-]
-BY_ID = {f.id: f for f in FAMILIES}
-_models = {}
-_plain = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_models():
-    # Let the patchers go while ComfyUI is still whole (their __del__ needs it).
-    yield
-    _models.clear()
-    _plain.clear()
-
-
-def load(fam):
-    if fam.requires is not None:
-        try:
-            importlib.import_module(fam.requires)
-        except ImportError:
-            pytest.skip(f"this ComfyUI has no {fam.requires}")
-    if fam.id not in _models:
-        path = getattr(tiny_models, fam.file)()
-        _models[fam.id] = (getattr(tiny_models, fam.loader)() if fam.loader
-                           else tiny_models.load_diffusion_model(path))
-    return _models[fam.id]
-
-
-def conditioning(fam, seed):
-    g = torch.Generator().manual_seed(seed)
-    extras = {}
-    for name, spec in fam.extras.items():
-        if spec == "ones":  # a text attention mask, integer as the text encoders give it
-            extras[name] = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
-        elif isinstance(spec, tuple):
-            extras[name] = torch.randn(*spec, generator=g)
-        else:
-            extras[name] = spec
-    return [[torch.randn(1, TEXT_TOKENS, fam.text_dim, generator=g), extras]]
-
-
-def sample(fam, model, steps=2, cfg=3.0):
-    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
-    return ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=steps, cfg=cfg)
-
-
-def plain(fam):
-    if fam.id not in _plain:
-        _plain[fam.id] = sample(fam, load(fam))
-    return _plain[fam.id]
+from support import tiny_models
+from support.families import BY_ID, FAMILIES, FRAMES, TEXT_TOKENS, load, plain, sample
+from support.reference import naive_scale
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)

@@ -13,17 +13,17 @@ import inspect
 import pytest
 import torch
 
-import tiny_models
 from freevideo.enhance_core.attention_hooks import add_attention_override
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.feature_accumulation import (GroupAccumulator, apply_feature_accumulation, parse_gates,
                                                           plan)
 from freevideo.enhance_core.models import adapter_for
-from deep_clones import concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, fresh_wan, needs_deep_clones, one_call
-from sampling import ksample, text_conditioning, video_latent
-from test_families import FAMILIES
-from test_families import sample as family_sample
+from support import tiny_models
+from support.deep_clones import concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, fresh_wan, needs_deep_clones, one_call
+from support.families import FAMILIES
+from support.families import sample as family_sample
+from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
 

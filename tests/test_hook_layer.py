@@ -14,9 +14,9 @@ from freevideo.enhance_core.attention_inspector import inspect_attention
 from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
-from deep_clones import (concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, forget_released_patchers,
-                         fresh_wan, needs_deep_clones)
-from sampling import ksample, text_conditioning, video_latent
+from support.deep_clones import (concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, forget_released_patchers,
+                                 fresh_wan, needs_deep_clones)
+from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
 

@@ -34,8 +34,8 @@ try:
 except ImportError:  # Python 3.10
     tomllib = None
 
-from comfy_server import PACK_NAME, ComfyServer, free_port
-from in_process import COMFY, ROOT
+from support.comfy_server import PACK_NAME, ComfyServer, free_port
+from support.in_process import COMFY, ROOT
 
 # Top-level entries of the ComfyUI tree that a fresh install does not have or that belong to a user.
 NOT_COPIED = {".git", "custom_nodes", "user", "output", "input", "temp", "models", "extra_model_paths.yaml"}

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_models
-from comfy_server import ROOT, ComfyServer
+from support import tiny_models
+from support.comfy_server import ROOT, ComfyServer
 
 PEERS = Path(os.environ.get("FREEVIDEO_PEERS", ROOT.parent / "shared" / "peers"))
 PACKS = ("ComfyUI-GGUF", "ComfyUI-KJNodes")
@@ -52,7 +52,7 @@ def _install_peers(dest: Path) -> dict[str, Path]:
 def server(tmp_path_factory):
     packs = _install_peers(tmp_path_factory.mktemp("peers"))
     pytest.importorskip("gguf", reason="ComfyUI-GGUF needs the gguf package: pip install -r tests/requirements.txt")
-    import tiny_gguf
+    from support import tiny_gguf
     wan = tiny_models.wan21_t2v()
     models = tmp_path_factory.mktemp("models")
     gguf_file = models / "tiny_wan21_t2v-Q8_0.gguf"

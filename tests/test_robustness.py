@@ -28,8 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_models
-from comfy_server import ComfyServer
+from support import tiny_models
+from support.comfy_server import ComfyServer
 
 WAN_DIM = 4096
 STEPS = 3
@@ -38,7 +38,7 @@ STEPS = 3
 # --- servers and prompts ---------------------------------------------------------------------
 
 def _model_files():
-    import tiny_image_models as T
+    from support import tiny_image_models as T
     T.taesd_vae()  # builds the cached file
     return {"diffusion_models": [tiny_models.wan21_t2v()],
             "vae": [tiny_models.wan21_vae(), tiny_models.CACHE / "tiny_taesd_sd15.safetensors"]}

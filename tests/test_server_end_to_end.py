@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_models
-from comfy_server import ComfyServer
+from support import tiny_models
+from support.comfy_server import ComfyServer
 
 
 def wan_prompt(enhance_weight: float | None, prefix: str) -> dict:
@@ -86,7 +86,7 @@ def test_every_workflow_converts_against_the_servers_node_definitions(server):
     with widget values that fit each node's inputs."""
     import json
     import sys
-    from comfy_server import ROOT
+    from support.comfy_server import ROOT
     sys.path.insert(0, str(ROOT / "scripts"))
     from workflow_api import to_api
 
@@ -101,7 +101,7 @@ def test_every_workflow_converts_against_the_servers_node_definitions(server):
 
 
 def test_workflows_are_listed_as_templates_of_the_pack(server):
-    from comfy_server import PACK_NAME, ROOT
+    from support.comfy_server import PACK_NAME, ROOT
     templates = server.get("/workflow_templates")
     listed = set(templates.get(PACK_NAME, []))
     assert {p.stem for p in (ROOT / "workflows").glob("*.json")} <= listed, templates

@@ -1,6 +1,6 @@
 """The tiny Wan fixtures load through ComfyUI's own loaders as the intended model classes."""
 
-import tiny_models
+from support import tiny_models
 
 
 def test_wan21_loader_detects_wan21_t2v(wan21):

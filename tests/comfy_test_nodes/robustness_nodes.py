@@ -6,7 +6,7 @@
 - FreeVideoTestLowPrecisionUNETLoader: ComfyUI's own diffusion-model loader with fp16 or bf16
   weights that also computes in that dtype on the CPU (ComfyUI would upcast to float32 there), as it
   does on a GPU.
-- FreeVideoTestTinyImageModel: the tiny SD1.5-layout UNet of tests/tiny_image_models.py (its small
+- FreeVideoTestTinyImageModel: the tiny SD1.5-layout UNet of support/tiny_image_models.py (its small
   config is not one ComfyUI's detection maps back, so it has no file loader).
 - Routes: GET /freevideo_test/state (model calls since the last reset, whether a probe is paused),
   POST /freevideo_test/reset, GET /freevideo_test/stats (process RSS and counts of what the loaded
@@ -27,7 +27,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import folder_paths
 
-TESTS = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 _lock = threading.Lock()
 _state = {"model_calls": 0, "waiting": False}
@@ -121,9 +121,9 @@ class TestTinyImageModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, kind) -> io.NodeOutput:
-        if str(TESTS) not in sys.path:
-            sys.path.insert(0, str(TESTS))
-        import tiny_image_models
+        if str(ROOT) not in sys.path:
+            sys.path.append(str(ROOT))  # appended: the root's nodes/ must not shadow ComfyUI's nodes.py
+        from support import tiny_image_models
         return io.NodeOutput(tiny_image_models.sd15_unet())
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import _cached
+from support.tiny_models import _cached
 
 SD15_CONTEXT_DIM = 32
 QWEN_CONTEXT_DIM = 64

@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
-import tiny_models
+from support import tiny_models
 
 
 def needs_deep_clones():

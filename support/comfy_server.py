@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from in_process import COMFY, ROOT
+from support.in_process import COMFY, ROOT
 
 PACK_NAME = "ComfyUI-FreeVideo"
 

@@ -21,9 +21,8 @@ def setup(cpu: bool | None = None):
         return sys.modules["freevideo"]
     if not (COMFY / "comfy").is_dir():
         raise RuntimeError(f"No ComfyUI at {COMFY}: run scripts/setup_runtime.sh or set COMFYUI_PATH")
-    for path in (str(ROOT / "tests"), str(COMFY)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    if str(COMFY) not in sys.path:
+        sys.path.insert(0, str(COMFY))
     from comfy.cli_args import args
     args.cpu = cpu
     args.use_pytorch_cross_attention = True
