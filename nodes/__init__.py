@@ -1,6 +1,6 @@
 """Thin node classes: schema (inputs, tooltips, defaults) and a call into enhance_core."""
 
-from comfy_api.latest import ComfyExtension, io
+from ._api import ComfyExtension, io
 
 from .attention_inspector import AttentionInspector
 from .enhance_a_video import EnhanceAVideo

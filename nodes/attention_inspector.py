@@ -1,4 +1,4 @@
-from comfy_api.latest import io
+from ._api import io
 
 from ..enhance_core.attention_inspector import inspect_attention, render_chart
 from ..enhance_core.entropy_guidance import MAPS

@@ -1,4 +1,4 @@
-from comfy_api.latest import io
+from ._api import io
 
 from ..enhance_core.enhance_a_video import apply_enhance_a_video
 from ..enhance_core.models import supported_families

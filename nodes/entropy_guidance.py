@@ -1,4 +1,4 @@
-from comfy_api.latest import io
+from ._api import io
 
 from ..enhance_core.entropy_guidance import BRANCHES, MAPS, apply_entropy_guidance
 from ..enhance_core.models import supported_families

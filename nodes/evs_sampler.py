@@ -1,5 +1,5 @@
 import comfy.samplers
-from comfy_api.latest import io
+from ._api import io
 
 from ..enhance_core.evs_sampler import SFI_SETTINGS, Stage, evs_sample
 from ..enhance_core.models import supported_families

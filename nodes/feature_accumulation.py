@@ -1,4 +1,4 @@
-from comfy_api.latest import io
+from ._api import io
 
 from ..enhance_core.feature_accumulation import DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES, apply_feature_accumulation
 from ..enhance_core.models import supported_families
