@@ -1,4 +1,4 @@
-from ._api import io
+from ._api import EXPERT, io
 
 from ..enhance_core.attention_inspector import inspect_attention, render_chart
 from ..enhance_core.entropy_guidance import MAPS
@@ -12,14 +12,12 @@ class AttentionInspector(io.ComfyNode):
             display_name="Attention Inspector (entropy / CFI)",
             category="FreeVideo",
             description=(
-                "Runs the model once on the conditional input at one sigma and charts, for every self-attention layer, "
-                "the normalised attention entropy of 'Understanding Attention Mechanism in Video Diffusion Models' "
-                "(IE-Adapt; orange: the layers IE-Adapt Entropy Guidance would register) and the cross-frame intensity "
-                "of 'Enhance-A-Video: Better Generated Video for Free' (Zhao et al. 2025; Enhance-A-Video scales a "
-                "layer more where it is higher). Costs about one model call. Use it to choose the guidance's layers "
-                "and top_k, or layers for other layer-targeted guidance (skip-layer, spatiotemporal): connect the same "
-                "model, latent and prompt as the sampler, and sigma = the schedule's first sigma (1.0 for Wan, "
-                "HunyuanVideo, LTX-Video and other flow models) to see what 'auto' registers with start_percent 0."
+                "Charts, for every self-attention layer, the attention entropy of 'Understanding Attention Mechanism "
+                "in Video Diffusion Models' (in orange: the layers IE-Adapt Entropy Guidance would register) and the "
+                "cross-frame intensity of 'Enhance-A-Video: Better Generated Video for Free', from one conditional "
+                "model call. Connect the same model, latent and prompt as the sampler, with sigma at the schedule's "
+                "first sigma to see what the guidance's 'auto' registers. Use it to choose layers for the guidance, "
+                "to see which layers editing would replace, or for other layer-targeted guidance."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The video model to inspect (cloned; the input stays untouched)."),
@@ -32,12 +30,12 @@ class AttentionInspector(io.ComfyNode):
                                        "start_percent 0 that is the schedule's first sigma (1.0 for Wan and other flow models)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the noise added to the latent at sigma."),
-                io.Int.Input("top_k", default=1, min=1, max=200,
+                io.Int.Input("top_k", default=1, min=1, max=200, **EXPERT,
                              tooltip="How many highest-entropy layers to highlight (the guidance node's top_k)."),
-                io.Int.Input("entropy_rows", default=0, min=0, max=65536,
+                io.Int.Input("entropy_rows", default=0, min=0, max=65536, **EXPERT,
                              tooltip="0 (default): exact entropy. A number such as 512: the estimate from that many query "
                                      "rows per head (as in the guidance node), for very long videos."),
-                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens",
+                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens", **EXPERT,
                                tooltip="What the entropy is measured over, as in the guidance node: the video-to-video map "
                                        "or the whole self-attention map (differs only where text is in self-attention: "
                                        "HunyuanVideo, Mochi, CogVideoX). The chart's title says which."),

@@ -1,4 +1,4 @@
-from ._api import io
+from ._api import EXPERT, io
 
 from ..enhance_core.enhance_a_video import apply_enhance_a_video
 from ..enhance_core.models import supported_families
@@ -12,36 +12,27 @@ class EnhanceAVideo(io.ComfyNode):
             display_name="Enhance-A-Video",
             category="FreeVideo",
             description=(
-                "Enhance-A-Video (Zhao et al. 2025, 'Enhance-A-Video: Better Generated Video for Free'): scales "
-                "each self-attention output by clamp((latent frames + weight) x cross-frame intensity, min 1), where "
-                "the cross-frame intensity is the mean off-diagonal temporal attention the model computes itself, per "
-                "layer, step and batch element. The paper reports smoother motion, better temporal consistency and "
-                "more detail, training-free and at negligible cost. Place it between the model loader (after LoRAs) "
-                "and the sampler; with Wan 2.2's two experts, patch both models. The frame count comes from the "
-                "latent at run time.\n"
-                "weight: raise it for a stronger effect; lower it if frames look noisy, smeared or over-smoothed. "
-                "The paper finds moderate values best, extremes worse, and the best value prompt-dependent. The "
-                "official code uses 4 for Wan, HunyuanVideo and LTX-Video and 3.4 for CogVideoX, set for long clips. "
-                "With evenly spread temporal attention the scale is 1 + weight / latent frames, so one weight acts "
-                "more strongly on short clips. Our recommendation: weight about latent frames / 5. Wan and "
-                "HunyuanVideo (4 video frames per latent frame): 81 frames -> 4, 33 frames -> 2, 17 frames -> 1. "
-                "LTX-Video (8 per latent frame): 121 frames -> 3, 49 frames -> 1.5. Mochi, Cosmos and Kandinsky 5, "
-                "which the paper did not test: the same rule.\n"
+                "Enhance-A-Video ('Enhance-A-Video: Better Generated Video for Free'): scales each self-attention "
+                "output by the cross-frame intensity of the model's own temporal attention, for smoother motion and "
+                "more detail at almost no cost. Place it between the model loader (after LoRAs) and the sampler; "
+                "raise weight for a stronger effect, lower it if frames look noisy or over-smoothed. "
                 "Supported: " + "; ".join(supported_families()) + "."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The video model to enhance. It is cloned; the input stays untouched."),
+                io.Model.Input("model", tooltip="The video model to enhance. It is cloned; the input stays untouched. With "
+                                                "Wan 2.2's two experts, patch both models."),
                 io.Float.Input("weight", default=4.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Enhance temperature tau: higher = stronger (smoother motion, detail shared across "
                                        "frames); lower it if frames look noisy or over-smoothed; 0 turns the node off. "
-                                       "Official code: 4 for Wan, HunyuanVideo and LTX-Video, meant for long clips. Our "
-                                       "recommendation: about latent frames / 5 (Wan or HunyuanVideo: 81 frames 4, 33 "
-                                       "frames 2, 17 frames 1; LTX-Video: 121 frames 3)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                                       "Official code: 4 for Wan, HunyuanVideo and LTX-Video (3.4 for CogVideoX), meant "
+                                       "for long clips: with even temporal attention the scale is 1 + weight / latent "
+                                       "frames. Our recommendation: about latent frames / 5 (Wan or HunyuanVideo: 81 "
+                                       "frames 4, 33 frames 2, 17 frames 1; LTX-Video: 121 frames 3, 49 frames 1.5)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, **EXPERT,
                                tooltip="Fraction of the sampling run (0 = first step) where the enhancement starts."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, **EXPERT,
                                tooltip="Fraction of the sampling run where the enhancement stops."),
-                io.String.Input("layers", default="all",
+                io.String.Input("layers", default="all", **EXPERT,
                                 tooltip="Self-attention layers to enhance: 'all', or indices and ranges such as '0-9, 20' "
                                         "(HunyuanVideo counts double-stream blocks first, then single-stream blocks). "
                                         "Wan 1.3B and 5B: 0-29, Wan 14B: 0-39, HunyuanVideo 1.0: 0-59, LTX-Video 2B: "

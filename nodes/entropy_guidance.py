@@ -1,4 +1,4 @@
-from ._api import io
+from ._api import EXPERT, io
 
 from ..enhance_core.entropy_guidance import BRANCHES, MAPS, apply_entropy_guidance
 from ..enhance_core.models import supported_families
@@ -12,19 +12,11 @@ class EntropyGuidance(io.ComfyNode):
             display_name="IE-Adapt Entropy Guidance",
             category="FreeVideo",
             description=(
-                "IE-Adapt quality guidance, from 'Understanding Attention Mechanism in Video Diffusion Models' "
-                "(section 4.1). At the first active step it measures the attention entropy of every self-attention "
-                "layer and registers the highest-entropy layer(s); extra branches replace those layers' attention map "
-                "by the uniform map (output = mean of V) or the identity (output = V), and the sampler adds "
-                "scale x (positive branch - negative branch) to the CFG result. The paper ties high-entropy maps to "
-                "image quality and reports fixed deformities (hands, heads) and richer texture. Costs one extra batch "
-                "element per step for an 'original' pair, two otherwise; works at CFG 1. Place it between the model "
-                "loader (after LoRAs) and the sampler.\n"
-                "scale: raise it for a stronger correction; lower it if the video gets over-sharpened, over-saturated "
-                "or flickers. The paper evaluates AnimateDiff (and analyses CogVideoX) and gives no value for the DiT "
-                "families here. Our recommendation, not tuned per family: 0.5-2 for Wan 2.1 / 2.2, HunyuanVideo, "
-                "LTX-Video, Mochi and Cosmos, starting at 1, towards the low end when CFG is already high (Wan at "
-                "5-6). Use the Attention Inspector to see which layer 'auto' picks.\n"
+                "IE-Adapt quality guidance ('Understanding Attention Mechanism in Video Diffusion Models'): registers "
+                "the self-attention layer(s) with the highest attention entropy and adds scale x (positive branch - "
+                "negative branch) to the CFG result, where the branches replace those layers' attention map by the "
+                "uniform map or the identity. Place it between the model loader (after LoRAs) and the sampler (it also "
+                "guides distilled models sampled without CFG); the Attention Inspector shows which layer 'auto' picks. "
                 "Supported: " + "; ".join(supported_families()) + "."
             ),
             inputs=[
@@ -34,36 +26,37 @@ class EntropyGuidance(io.ComfyNode):
                                        "(cond - uncond) + lambda x (positive - negative). Raise for a stronger correction, "
                                        "lower if the video gets over-sharpened, saturated or flickers; 0 turns the node "
                                        "off. Our recommendation (the paper gives none for these models): 0.5-2, start at "
-                                       "1, lower end at high CFG."),
+                                       "1, lower end at high CFG (Wan at 5-6)."),
                 io.Combo.Input("positive_branch", options=list(BRANCHES), default="uniform",
                                tooltip="Attention map of the registered layers in the branch guided towards: 'uniform' "
                                        "(every query gets the mean value; highest entropy, best quality in the paper) or "
-                                       "'original' (the unchanged conditional prediction, no extra pass)."),
+                                       "'original' (the unchanged conditional prediction, no extra pass). Each non-original "
+                                       "branch costs one extra batch element per step."),
                 io.Combo.Input("negative_branch", options=list(BRANCHES), default="identity",
                                tooltip="Attention map of the branch guided away from: 'identity' (each token keeps its own "
                                        "value; lowest entropy) or 'original'. Allowed pairs: uniform/identity (the paper's "
                                        "best average rank), original/identity (perturbed-attention guidance; the paper's "
                                        "best average score, and one extra pass instead of two), uniform/original."),
-                io.String.Input("layers", default="auto",
+                io.String.Input("layers", default="auto", **EXPERT,
                                 tooltip="'auto': register the top_k layers with the highest attention entropy at the first "
                                         "active step (logged; see the Attention Inspector node). Or a fixed list of "
                                         "self-attention layer indices such as '12' or '10-12, 20'."),
-                io.Int.Input("top_k", default=1, min=1, max=200,
+                io.Int.Input("top_k", default=1, min=1, max=200, **EXPERT,
                              tooltip="How many highest-entropy layers 'auto' registers (the paper uses 1). More layers "
                                      "perturb more of the model: a stronger, less targeted effect at the same scale. "
                                      "Ignored with a manual layer list; must not exceed the model's number of "
                                      "self-attention layers."),
-                io.Int.Input("entropy_rows", default=0, min=0, max=65536,
+                io.Int.Input("entropy_rows", default=0, min=0, max=65536, **EXPERT,
                              tooltip="0 (default): the registry measures the exact entropy, about one extra model call "
                                      "once per run. A number such as 512 estimates it from that many query rows per head "
                                      "(exact over all keys, within 1% in tests) for very long videos; close layers can "
                                      "then swap places."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, **EXPERT,
                                tooltip="Fraction of the sampling run (0 = first step) where the guidance starts; the "
                                        "registry is measured at the first step inside the window."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, **EXPERT,
                                tooltip="Fraction of the sampling run where the guidance stops."),
-                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens",
+                io.Combo.Input("attention_map", options=list(MAPS), default="video tokens", **EXPERT,
                                tooltip="Joint-attention models (HunyuanVideo, Mochi, CogVideoX) have text tokens in "
                                        "self-attention. 'video tokens': measure and replace only the video-to-video map; "
                                        "text keeps its attention and the uniform branch mixes no text into the video "

@@ -1,5 +1,5 @@
 import comfy.samplers
-from ._api import io
+from ._api import EXPERT, io
 
 from ..enhance_core.evs_sampler import SFI_SETTINGS, Stage, evs_sample
 from ..enhance_core.models import supported_families
@@ -15,24 +15,13 @@ class EVSSampler(io.ComfyNode):
             display_name="EVS Sampler (T2I + [T2V] + T2I)",
             category="FreeVideo",
             description=(
-                "EVS (Su et al., 'Encapsulated Composition of Text-to-Image and Text-to-Video Models for "
-                "High-Quality Video Synthesis', Algorithm 1): refines a video with an image model for imaging quality "
-                "and a video model for motion. The image model SDEdits all frames; at image step t_T2V its "
-                "clean-latent prediction goes through one [T2V] block of the video model (noised to t_V, n_V steps), "
-                "whose clean-latent prediction is re-noised into the image run, which then finishes. Each model keeps "
-                "its own sampling and schedule. Latents pass directly when both models share the format and frames "
-                "are batch entries (SD1.5 + AnimateDiff); otherwise through pixels with both VAEs. Put it after the "
-                "sampler that made the video (its LATENT in).\n"
-                "Tuning (the paper's trends): raise strength for more image-model detail, lower it to stay closer to "
-                "the input; raise t_T2V for better imaging but less consistency, lower it for more consistency; raise "
-                "t_V to remove more flicker, but too high drifts towards the video model's look; turn on sfi to keep "
-                "the image model's style (gamma 0.8 on deeper layers or 0.5 on shallower ones).\n"
-                "Settings: the paper uses an SD1.5 checkpoint with 50 steps at strength 0.4 and AnimateDiff-Lightning "
-                "(8-step schedule) as the video model; t_T2V 10 and t_V = n_V = 4 are our defaults for that pairing. "
-                "With Wan 2.1 as the video model, our starting point (workflows/wan21_evs_refine.json, Qwen-Image as "
-                "the image model at CFG 2.5): a 20-step video schedule at CFG 6 with t_V = n_V = 3. For HunyuanVideo, "
-                "LTX-Video and other undistilled video models, our recommendation is t_V at about 15-25% of "
-                "video_steps."
+                "EVS ('Encapsulated Composition of Text-to-Image and Text-to-Video Models for High-Quality Video "
+                "Synthesis'): refines a video with an image model for imaging quality and a video model for motion, "
+                "the image model denoising every frame around one block of video-model steps, the two meeting only "
+                "through clean-latent predictions. Put it after the sampler that made the video (its LATENT in); "
+                "latents pass directly when both models share a format, otherwise through pixels with both VAEs. "
+                "Raise strength or t_T2V for more image-model detail, t_V to remove more flicker, and turn on sfi to "
+                "keep the image model's style."
             ),
             inputs=[
                 io.Latent.Input("latent", tooltip="The video to refine, in the video model's latent format "
@@ -64,9 +53,11 @@ class EVSSampler(io.ComfyNode):
                 io.Int.Input("t_T2V", default=10, min=1, max=10000,
                              tooltip="Image step (counted down to 1 like the paper's timesteps) where the [T2V] block "
                                      "is inserted; must lie in the image run (1..strength x image_steps). "
-                                     "Larger = earlier = more image steps after it: better imaging, less consistency."),
+                                     "Larger = earlier = more image steps after it: better imaging, less consistency. "
+                                     "Ours: 10, halfway through the paper's 20-step image run (it gives no value)."),
                 io.Int.Input("video_steps", default=8, min=1, max=10000,
-                             tooltip="Length of the video model's full schedule (paper: 8-step AnimateDiff-Lightning)."),
+                             tooltip="Length of the video model's full schedule (paper: 8-step AnimateDiff-Lightning; "
+                                     "our starting point with Wan 2.1: 20 steps at video_cfg 6)."),
                 io.Float.Input("video_cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance of the video model (1.0 for AnimateDiff-Lightning)."),
                 io.Combo.Input("video_sampler", options=samplers, default="euler",
@@ -76,7 +67,8 @@ class EVSSampler(io.ComfyNode):
                 io.Int.Input("t_V", default=4, min=1, max=10000,
                              tooltip="Video step (counted down to 1) the block starts from: x0_I is noised (or "
                                      "DDIM-inverted) to it. Larger = more smoothing, drifts towards the video model's "
-                                     "imaging. At most video_steps."),
+                                     "imaging. At most video_steps. Ours: 4 of 8 for AnimateDiff-Lightning, 3 of 20 "
+                                     "for Wan 2.1; for other undistilled video models about 15-25% of video_steps."),
                 io.Int.Input("n_V", default=4, min=1, max=10000,
                              tooltip="Video steps the block runs from t_V (at most t_V). Below t_V the block ends "
                                      "with one more call for the clean-latent prediction."),
@@ -85,14 +77,14 @@ class EVSSampler(io.ComfyNode):
                                          "noising it, recording Q, K, V of sfi_layers, and use Attn(gamma*Q_inv + "
                                          "(1-gamma)*Q, K_inv, V_inv) there in the block. Supported video models: "
                                          + "; ".join(supported_families()) + "."),
-                io.Float.Input("sfi_gamma", default=0.8, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("sfi_gamma", default=0.8, min=0.0, max=1.0, step=0.01, **EXPERT,
                                tooltip="SFI query blend gamma, used with sfi_setting 'custom' (paper: 0.8 in deeper "
                                        "layers, 0.5 in shallower ones); 1 keeps the inversion's attention maps."),
-                io.String.Input("sfi_layers", default="all",
+                io.String.Input("sfi_layers", default="all", **EXPERT,
                                 tooltip="SFI self-attention layers of the video model, used with sfi_setting 'custom': "
                                         "'all', or indices and ranges such as '10-19'. Memory: these layers x n_V x Q, K, "
                                         "V of the video's tokens."),
-                io.Combo.Input("sfi_setting", options=list(SFI_SETTINGS), default=SFI_SETTINGS[0],
+                io.Combo.Input("sfi_setting", options=list(SFI_SETTINGS), default=SFI_SETTINGS[0], **EXPERT,
                                tooltip="The paper's two balance points (its Fig. 8): deeper layers with gamma 0.8, or "
                                        "shallower layers with gamma 0.5; on these DiT models 'deeper' is the second half "
                                        "of the self-attention layers and 'shallower' the first half (our reading: a DiT "
