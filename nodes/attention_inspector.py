@@ -1,7 +1,7 @@
 from ._api import EXPERT, io
 
-from ..enhance_core.attention_inspector import inspect_attention, render_chart
-from ..enhance_core.entropy_guidance import MAPS
+from ..enhance_core.methods.attention_inspector import inspect_attention, render_chart
+from ..enhance_core.methods.entropy_guidance import MAPS
 
 
 class AttentionInspector(io.ComfyNode):

@@ -1,6 +1,6 @@
 from ._api import EXPERT, io
 
-from ..enhance_core.enhance_a_video import apply_enhance_a_video
+from ..enhance_core.methods.enhance_a_video import apply_enhance_a_video
 from ..enhance_core.models import supported_families
 
 

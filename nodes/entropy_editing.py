@@ -1,6 +1,6 @@
 from ._api import EXPERT, io
 
-from ..enhance_core.entropy_editing import apply_entropy_editing
+from ..enhance_core.methods.entropy_editing import apply_entropy_editing
 from ..enhance_core.models import supported_families
 
 

@@ -1,6 +1,6 @@
 from ._api import EXPERT, io
 
-from ..enhance_core.entropy_guidance import BRANCHES, MAPS, apply_entropy_guidance
+from ..enhance_core.methods.entropy_guidance import BRANCHES, MAPS, apply_entropy_guidance
 from ..enhance_core.models import supported_families
 
 

@@ -1,7 +1,7 @@
 import comfy.samplers
 from ._api import EXPERT, io
 
-from ..enhance_core.evs_sampler import SFI_SETTINGS, Stage, evs_sample
+from ..enhance_core.methods.evs.sampler import SFI_SETTINGS, Stage, evs_sample
 from ..enhance_core.models import supported_families
 
 

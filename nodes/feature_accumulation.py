@@ -1,6 +1,6 @@
 from ._api import EXPERT, io
 
-from ..enhance_core.feature_accumulation import DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES, apply_feature_accumulation
+from ..enhance_core.methods.feature_accumulation import DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES, apply_feature_accumulation
 from ..enhance_core.models import supported_families
 
 

@@ -78,6 +78,14 @@ class TokenLayout:
         start = text if self.text_first else 0
         return start, video // self.tokens_per_frame
 
+    def video_tokens(self, seq_len: int) -> tuple[int, int, int] | None:
+        """(start, stop, frames) of the video tokens in a sequence of seq_len tokens, or None (see
+        video_span)."""
+        span = self.video_span(seq_len)
+        if span is None:
+            return None
+        return span[0], span[0] + span[1] * self.tokens_per_frame, span[1]
+
 
 def patched_tokens(size: int, patch: int) -> int:
     """Tokens along one axis after ComfyUI pads to the patch size."""

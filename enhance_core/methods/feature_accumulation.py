@@ -44,8 +44,11 @@ from torch.overrides import TorchFunctionMode
 
 import comfy.patcher_extension
 
-from .attention_hooks import SigmaWindow, _ranges, hook_module, parse_layer_list
-from .models import adapter_for
+from ..models import adapter_for
+from ..patching.attention_slot import apply_model_options
+from ..patching.layer_lists import format_ranges, parse_layer_list
+from ..patching.module_hooks import hook_module, module_of
+from ..patching.sigma_window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,6 @@ MODES = ("attention input", "block input")
 # keeps that a small correction.
 DEFAULT_GATE = "0.1"
 DEFAULT_GROUP_SIZE = 6  # the reference's
-# BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...): where
-# transformer_options sits among an APPLY_MODEL wrapper's positional arguments after x.
-_APPLY_MODEL_OPTIONS_ARG = 4
 
 
 def parse_gates(text: str, n_layers: int, selected: list[int]) -> dict[int, float]:
@@ -224,14 +224,14 @@ class FeatureAccumulation:
                                         lambda executor, *a, **kw: state._log_run(executor, *a, **kw))
         for i in sorted(set(self.mixing) | self.needed):
             site = self.blocks[i]
-            hidden_name = _hidden_parameter(self.clone.get_model_object(f"diffusion_model.{site.path}"))
+            hidden_name = _hidden_parameter(module_of(self.clone, site.path)[1])
             hook_module(self.clone, site.path, self._block_hook(i, hidden_name, site.attention_input is None))
             if mode == "attention input" and i in self.mixing and site.attention_input is not None:
                 hook_module(self.clone, site.attention_input, self._attention_input_hook)
 
     # model call -------------------------------------------------------------------------------
     def _model_call(self, executor, x, *args, **kwargs):
-        options = kwargs["transformer_options"] if "transformer_options" in kwargs else args[_APPLY_MODEL_OPTIONS_ARG]
+        options = apply_model_options(args, kwargs)
         call = self.call
         call.active = self.window.contains(options)
         call.acc = GroupAccumulator(self.group_size)
@@ -251,7 +251,7 @@ class FeatureAccumulation:
         log.info("Cross-layer feature accumulation (RepVideo, experimental): %s mode, gate %s on layer(s) %s, groups of %d "
                  "layers; between sigma %.4g and %.4g. Training-free: the paper fine-tuned with learned gates.",
                  self.mode, gates[0] if len(gates) == 1 else "per layer " + ", ".join(f"{self.mixing[i]:g}" for i in layers),
-                 _ranges(layers), self.group_size, self.window.sigma_start, self.window.sigma_end)
+                 format_ranges(layers), self.group_size, self.window.sigma_start, self.window.sigma_end)
         return executor(*args, **kwargs)
 
     # token layout -----------------------------------------------------------------------------
@@ -261,11 +261,10 @@ class FeatureAccumulation:
         layout = self.call.layout
         if layout is None or t.ndim != 3:
             return None  # one stream of video tokens ([B, L, C]) or a 5-D grid (Cosmos)
-        found = layout.video_span(t.shape[1])
+        found = layout.video_tokens(t.shape[1])
         if found is None:
             return False
-        start, frames = found
-        stop = start + frames * layout.tokens_per_frame
+        start, stop, _ = found
         return None if (start, stop) == (0, t.shape[1]) else (start, stop)
 
     @staticmethod

@@ -8,7 +8,6 @@ the model's own model_sampling), so conditioning, latent format and patches are 
 """
 
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +17,12 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
-from .attention_hooks import SelfAttentionLayers, tokens_view
-from .cross_frame_intensity import temporal_off_diagonal_mean
-from .entropy_guidance import MAPS, map_span
-from .models import adapter_for
+from ..measures.attention_entropy import call_entropy
+from ..measures.cross_frame_intensity import temporal_off_diagonal_mean
+from ..models import adapter_for
+from ..patching.attention_call import MAPS
+from ..patching.layer_routing import SelfAttentionLayers
+from ..sampling.entropy_registry import LayerSums, highest, lowest
 
 
 @dataclass
@@ -36,8 +36,7 @@ class AttentionReport:
 
     def lowest(self, ratio: float) -> list:
         """The layers IE-Adapt editing would choose with this pass as its source: the lowest `ratio`."""
-        ranked = sorted(range(len(self.entropy)), key=lambda i: (self.entropy[i], i))
-        return sorted(ranked[:round(ratio * len(ranked))])
+        return lowest(dict(enumerate(self.entropy)), ratio)
 
     def table(self) -> str:
         lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'} over {self.attention_map}; "
@@ -93,41 +92,21 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
 
     clone = model.clone()
     hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector")
-    sums = {}
-    lock = threading.Lock()  # multi-GPU work units measure layers concurrently
+    entropy_sums, cfi_sums = LayerSums(), LayerSums()
     progress = comfy.utils.ProgressBar(n_layers)
 
-    def measure(layer, layout, call_next, q, k, v, heads, **kwargs):
-        options = kwargs.get("transformer_options") or {}
-        groups = options.get("cond_or_uncond") or [0]
-        per = q.shape[0] // len(groups)
-        cond = [i for g, c in enumerate(groups) if c == 0 for i in range(g * per, (g + 1) * per)]
+    def measure(call):
+        cond = call.rows(0)
         if cond:
-            skip_reshape = kwargs.get("skip_reshape", False)
-            index = torch.tensor(cond, device=q.device)
-            mask = kwargs.get("mask")
-            if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0] > 1:
-                mask = mask.index_select(0, index)
-            qc, kc = heads_first(q, heads, skip_reshape).index_select(0, index), heads_first(k, heads, skip_reshape).index_select(0, index)
-            seq_len = q.shape[2] if skip_reshape else q.shape[1]
-            tokens = map_span(attention_map, layout, seq_len)
-            if tokens is not None:
-                qc, kc, mask = restrict_to_tokens(qc, kc, mask, *tokens)
-            e = attention_entropy(qc, kc, mask, rows=rows)
-            cfi = None
-            span = layout.video_span(seq_len)
-            if span is not None and span[1] >= 2:
-                start, frames = span
-                stop = start + frames * layout.tokens_per_frame
-                cfi = temporal_off_diagonal_mean(tokens_view(q, heads, skip_reshape).index_select(0, index)[:, start:stop],
-                                                 tokens_view(k, heads, skip_reshape).index_select(0, index)[:, start:stop], frames)
-            add = [float(e.sum()), e.numel(), 0.0, 0] if cfi is None else [float(e.sum()), e.numel(), float(cfi.sum()), cfi.numel()]
-            with lock:
-                s = sums.setdefault(layer, [0.0, 0, 0.0, 0])
-                for i, value in enumerate(add):
-                    s[i] += value
-                progress.update_absolute(len(sums))
-        return call_next(q, k, v, heads, **kwargs)
+            video = call.video
+            if video is not None and video.frames >= 2:
+                index = torch.tensor(cond, device=call.q.device)
+                cfi_sums.add(call.layer, temporal_off_diagonal_mean(
+                    call.tokens_first(call.q).index_select(0, index)[:, video.start:video.stop],
+                    call.tokens_first(call.k).index_select(0, index)[:, video.start:video.stop], video.frames))
+            entropy_sums.add(call.layer, call_entropy(call, cond, attention_map, rows))
+            progress.update_absolute(len(entropy_sums))
+        return call.run()
 
     hooks.route(range(n_layers), measure)
     samples = comfy.sample.fix_empty_latent_channels(clone, latent["samples"])
@@ -137,12 +116,13 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     with torch.no_grad():
         comfy.sample.sample_custom(clone, noise, 1.0, comfy.samplers.KSAMPLER(_one_evaluation), sigmas, positive, positive,
                                    samples, noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
-    if len(sums) != n_layers:
-        raise RuntimeError(f"attention inspector: measured {len(sums)} of {n_layers} self-attention layers; "
+    entropies, cfis = entropy_sums.take_means(), cfi_sums.take_means()
+    if len(entropies) != n_layers:
+        raise RuntimeError(f"attention inspector: measured {len(entropies)} of {n_layers} self-attention layers; "
                            "the model did not run its self-attention through ComfyUI's attention functions")
-    entropy = [sums[i][0] / sums[i][1] for i in range(n_layers)]
-    cfi = [sums[i][2] / sums[i][3] if sums[i][3] else None for i in range(n_layers)]
-    top = sorted(sorted(range(n_layers), key=lambda i: (-entropy[i], i))[:top_k])
+    entropy = [entropies[i] for i in range(n_layers)]
+    cfi = [cfis.get(i) for i in range(n_layers)]
+    top = highest(entropies, top_k)
     return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map)
 
 

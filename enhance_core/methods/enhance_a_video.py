@@ -19,9 +19,11 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .attention_hooks import SelfAttentionLayers, SigmaWindow, parse_layer_list, tokens_view
-from .cross_frame_intensity import enhance_scale
-from .models import adapter_for
+from ..measures.cross_frame_intensity import enhance_scale
+from ..models import adapter_for
+from ..patching.layer_lists import parse_layer_list
+from ..patching.layer_routing import SelfAttentionLayers
+from ..patching.sigma_window import SigmaWindow
 
 log = logging.getLogger(__name__)
 
@@ -91,34 +93,28 @@ def apply_enhance_a_video(model, weight: float, start_percent: float = 0.0, end_
         return state.pending
     logged = set()
 
-    def attention(layer, layout, call_next, q, k, v, heads, **kwargs):
+    def attention(call):
         pending().clear()  # nothing from an earlier, interrupted call may reach this layer's output
-        if not window.contains(kwargs.get("transformer_options") or {}):
-            return call_next(q, k, v, heads, **kwargs)
-        skip_reshape = kwargs.get("skip_reshape", False)
-        seq_len = q.shape[2] if skip_reshape else q.shape[1]
-        if (k.shape[2] if skip_reshape else k.shape[1]) != seq_len:
-            # Not the whole sequence attending to itself (a layer that splits its queries into
-            # several kernel calls): nothing to measure here.
-            return call_next(q, k, v, heads, **kwargs)
-        span = layout.video_span(seq_len)
-        if span is None or span[1] < 2:
-            if span is not None and "single" not in logged:
+        if not window.contains(call.options):
+            return call.run()
+        # Not a square call (a layer that splits its queries into several kernel calls): nothing
+        # to measure here.
+        video = call.video
+        if video is None or video.frames < 2:
+            if video is not None and "single" not in logged:
                 log.info("Enhance-A-Video: one latent frame, nothing to enhance (no-op)")
                 logged.add("single")
-            return call_next(q, k, v, heads, **kwargs)
-        start, frames = span
-        stop = start + frames * layout.tokens_per_frame
-        scale = enhance_scale(tokens_view(q, heads, skip_reshape)[:, start:stop],
-                              tokens_view(k, heads, skip_reshape)[:, start:stop], frames, weight)
-        out = call_next(q, k, v, heads, **kwargs)
-        if hooks.sites[layer].output is None:
+            return call.run()
+        scale = enhance_scale(call.tokens_first(call.q)[:, video.start:video.stop],
+                              call.tokens_first(call.k)[:, video.start:video.stop], video.frames, weight)
+        out = call.run()
+        span = (video.start, video.stop, call.seq_len)
+        if hooks.sites[call.layer].output is None:
             # The projection after this kernel also takes other features: scale the attention
             # output itself (as the official code does in single-stream blocks).
-            video = out.transpose(1, 2) if kwargs.get("skip_output_reshape", False) else out
-            _scale_video_(video, scale, (start, stop, seq_len))
+            _scale_video_(call.output_tokens(out), scale, span)
         else:
-            pending().update(scale=scale, span=(start, stop, seq_len))
+            pending().update(scale=scale, span=span)
         return out
 
     def scale_output(seq_first):

@@ -41,14 +41,6 @@ MASKED = -1e4
 SEED = 0x1E_ADA9
 
 
-def heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """A kernel's q/k/v as [B, H, L, D]: as given when the caller set skip_reshape, else from [B, L, H*D]."""
-    if skip_reshape:
-        return t
-    b, n, _ = t.shape
-    return t.view(b, n, heads, -1).transpose(1, 2)
-
-
 def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A ComfyUI attention mask as [B|1, H|1, Lq|1, Lk] (the same promotion attention_pytorch does)."""
     if mask is None:
@@ -201,3 +193,16 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
         mask = mask.expand(mask.shape[0], h, lq, mask.shape[3])
         mask = torch.gather(mask, 2, idx.view(1, h, -1, 1).expand(mask.shape[0], h, idx.shape[1], mask.shape[3]))
     return row_entropy(qs, k, mask, chunk_bytes).mean(dim=(1, 2))
+
+
+def call_entropy(call, rows: list[int], attention_map: str = "whole map", sample_rows: int | None = None) -> torch.Tensor:
+    """attention_entropy of the batch rows `rows` of one AttentionCall, over the tokens of
+    `attention_map` ("video tokens": video queries over video keys; "whole map")."""
+    index = torch.tensor(rows, device=call.q.device)
+    q = call.heads_first(call.q).index_select(0, index)
+    k = call.heads_first(call.k).index_select(0, index)
+    mask = call.mask_rows(index)
+    span = call.map_span(attention_map)
+    if span is not None:
+        q, k, mask = restrict_to_tokens(q, k, mask, *span)
+    return attention_entropy(q, k, mask, rows=sample_rows)

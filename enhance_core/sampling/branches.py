@@ -20,7 +20,8 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 
-from .attention_hooks import apply_model_options, eager
+from ..patching.attention_call import cond_of_rows
+from ..patching.attention_slot import apply_model_options, eager
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,6 @@ class CallPlan:
 
 def call_plan(transformer_options: dict | None, key: str) -> CallPlan | None:
     return (transformer_options or {}).get(key)
-
-
-def cond_of_rows(transformer_options: dict, batch: int) -> list[int]:
-    """The cond index of every batch element of a model call (ComfyUI stacks equal chunks per cond)."""
-    groups = transformer_options.get("cond_or_uncond") or [0]
-    per = batch // len(groups)
-    return [groups[i // per] for i in range(batch)]
 
 
 class BranchRunner:

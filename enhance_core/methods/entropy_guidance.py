@@ -2,8 +2,8 @@
 on a clone of a ComfyUI video model.
 
 Registry: on the first model evaluation of a sampling run inside the sigma window, the conditional
-pass measures the normalised attention entropy of every self-attention layer (attention_entropy.py,
-sampled estimate by default) and registers the top-k. A manual layer list skips the choice; its
+pass measures the normalised attention entropy of every self-attention layer (measures/attention_entropy.py,
+exact by default) and registers the top-k. A manual layer list skips the choice; its
 layers' entropies are still measured and logged at that evaluation.
 
 Branches: in extra batch elements that copy the conditional input, the registered layers' attention
@@ -31,16 +31,18 @@ LTX-Video, Cosmos) give the same result either way.
 """
 
 import logging
-import threading
 
 import torch
 
-import comfy.patcher_extension
-
-from .attention_entropy import attention_entropy, heads_first, mask_4d, restrict_to_tokens
-from .attention_hooks import SelfAttentionLayers, SigmaWindow, calls_kernel, parse_layer_list
-from .branch_runner import Branch, BranchRunner, SharedPrefix, call_plan, cond_of_rows
-from .models import adapter_for
+from ..measures.attention_entropy import call_entropy, mask_4d, restrict_to_tokens
+from ..models import adapter_for
+from ..patching.attention_call import MAPS
+from ..patching.layer_lists import parse_layer_list
+from ..patching.layer_routing import SelfAttentionLayers
+from ..patching.run_state import RunState, per_run_state, run_state
+from ..patching.sigma_window import SigmaWindow
+from ..sampling.branches import Branch, BranchRunner, SharedPrefix, call_plan
+from ..sampling.entropy_registry import LayerSums, highest
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +50,7 @@ BRANCHES = ("uniform", "original", "identity")
 # (positive, negative) pairs of the paper (table 2): the positive branch ranks higher in quality
 # (U > A > I); (U, I) had the best average rank, (A, I) is perturbed-attention guidance.
 PAIRS = (("uniform", "identity"), ("original", "identity"), ("uniform", "original"))
-MAPS = ("video tokens", "whole map")
-
-
-def map_span(attention_map: str, layout, seq_len: int) -> tuple[int, int] | None:
-    """(start, stop) of the tokens whose map is measured and replaced, or None for the whole map."""
-    if attention_map == "whole map" or layout is None:
-        return None
-    span = layout.video_span(seq_len)
-    if span is None:
-        return None
-    start, stop = span[0], span[0] + span[1] * layout.tokens_per_frame
-    return None if (start, stop) == (0, seq_len) else (start, stop)
-
-
-def _batch_mask(mask, batch: int, index: torch.Tensor):
-    """The rows `index` of a kernel mask that has a batch dimension of `batch`, else the mask."""
-    if mask is None or mask.ndim < 3 or mask.shape[0] != batch or batch == 1:
-        return mask
-    return mask.index_select(0, index)
+__all__ = ["BRANCHES", "MAPS", "PAIRS", "EntropyGuidance", "apply_entropy_guidance", "replaced_attention"]
 
 
 def replaced_attention(kind: str, v: torch.Tensor, n_queries: int, mask=None) -> torch.Tensor:
@@ -86,9 +70,21 @@ def replaced_attention(kind: str, v: torch.Tensor, n_queries: int, mask=None) ->
     return torch.matmul(weights, v).expand(-1, -1, n_queries, -1)
 
 
+class _Run(RunState):
+    """One sampling run: the registered layers and what the registry measured."""
+
+    def __init__(self, registered):
+        self.registered = registered  # layer indices; None until the registry evaluation
+        self.entropies = {}  # layer -> normalised entropy measured at the registry evaluation
+        self.sums = LayerSums()
+        self.measuring = True  # the registry evaluation has not run yet
+        self.pending = None  # (sigma, x, {branch kind: prediction}) from the step's calc_cond_batch
+
+
 class EntropyGuidance:
-    """The state and hooks of one IE-Adapt node's clone. Sampling hooks are closures over this object
-    (ComfyUI deep-copies model_options on every clone; a bound method there would copy the model)."""
+    """One IE-Adapt node's settings and hooks; what a sampling run accumulates lives in its _Run.
+    Sampling hooks are closures over this object (ComfyUI deep-copies model_options on every clone;
+    a bound method there would copy the model)."""
 
     def __init__(self, model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
                  top_k: int = 1, entropy_rows: int = 0, start_percent: float = 0.0, end_percent: float = 1.0,
@@ -108,191 +104,170 @@ class EntropyGuidance:
         self.kinds = tuple(b for b in (positive, negative) if b != "original")  # branches needing a forward
         self.clone = model.clone()
         self.window.follow(self.clone)
-        self.registered = None  # layer indices of this sampling run
-        self.entropies = {}  # layer -> normalised entropy measured at the registry evaluation
-        self._sink = {}
-        self._sink_lock = threading.Lock()  # multi-GPU work units measure layers concurrently
-        self._pending = None
-        self._needs_report = None  # None until a sampling run starts
         self._warned = set()
+        self.last_run = None
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
         hooks = SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt guidance")
-        hooks.route(range(n_layers) if self.auto else self.manual, self._attention)
         state = self
+        hooks.route(range(n_layers) if self.auto else self.manual, lambda call: state._attention(call))
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
         # The branches copy the conditional element up to the first registered layer: on families
-        # with block-replace points they skip those blocks (see branch_runner.SharedPrefix).
+        # with block-replace points they skip those blocks (see sampling/branches.SharedPrefix).
         points = adapter.prefix_points(model.get_model_object("diffusion_model"))
         self.shares_prefix = points is not None
         if self.shares_prefix:
             SharedPrefix(self.clone, self.key, points)
         self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
-        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
-                                        lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
+        per_run_state(self.clone, self.key, lambda *a, **kw: state._start_run())
 
-    # sampling run -----------------------------------------------------------------------------
-    def _new_run(self, executor, *args, **kwargs):
-        self.registered = None if self.auto else list(self.manual)
-        self.entropies, self._pending = {}, None
-        with self._sink_lock:  # a registry pass cut short (an interrupt, out of memory) leaves sums
-            self._sink = {}
-        self._needs_report = True
-        return executor(*args, **kwargs)
+    def _start_run(self):
+        # last_run: the latest run's outcome, for inspection (tests, a caller's report); sampling
+        # reads the run only through the call's options.
+        self.last_run = _Run(None if self.auto else list(self.manual))
+        return self.last_run
+
+    def _run(self, options):
+        run = run_state(options, self.key)
+        if run is None and "no run" not in self._warned:
+            self._warned.add("no run")
+            log.warning("IE-Adapt: the model was called outside a ComfyUI sampling run (no guider); guidance is off there")
+        return run
 
     def _active(self, sigma, cond) -> bool:
         return cond is not None and self.window.contains({"sigmas": sigma})
 
+    # sampling step ----------------------------------------------------------------------------
     def _calc_cond_batch(self, args):
         conds, x, sigma = args["conds"], args["input"], args["sigma"]
-        self._pending = None
-        if not self._active(sigma, conds[0]):
+        run = self._run(args["model_options"])
+        if run is not None:
+            run.pending = None
+        if run is None or not self._active(sigma, conds[0]):
             return self.runner.run(args)[0]
-        if self._needs_report is None:  # sampled without an OUTER_SAMPLE wrapper call
-            self._new_run(lambda: None)
         branches = [Branch(conds[0], kind, copy_of=0) for kind in self.kinds]
-        measure = self._needs_report
-        if self.registered is None:
+        measure = run.measuring
+        if run.registered is None:
             # The layer choice needs the finished conditional pass: branches go in a second call.
             out, _ = self.runner.run(args, measure=measure)
-            self._finish_measurement(sigma)
-            if not self.registered:
-                self._pending = (sigma, x, {})
+            self._finish_measurement(run, sigma)
+            if not run.registered:
+                run.pending = (sigma, x, {})
                 return out
             _, extra = self.runner.run(args, branches, base=False)
         else:
-            first = min(self.registered) if self.shares_prefix and self.registered else None
+            first = min(run.registered) if self.shares_prefix and run.registered else None
             out, extra = self.runner.run(args, branches, measure=measure, prefix_until=first)
-            self._finish_measurement(sigma)
-        self._pending = (sigma, x, dict(zip(self.kinds, extra)))
+            self._finish_measurement(run, sigma)
+        run.pending = (sigma, x, dict(zip(self.kinds, extra)))
         return out
 
     def _post_cfg(self, args):
         denoised = args["denoised"]
-        pending, self._pending = self._pending, None
+        run = run_state(args["model_options"], self.key)
+        if run is None:
+            return denoised
+        pending, run.pending = run.pending, None
         if pending is None or pending[0] is not args["sigma"] or pending[1] is not args["input"]:
             if not self._active(args["sigma"], args["cond"]):
                 return denoised
             # A node applied after this one replaced the calc function: run the branches here.
-            pending = (None, None, self._branches_alone(args))
-        if not self.registered:
+            pending = (None, None, self._branches_alone(run, args))
+        if not run.registered:
             return denoised
         preds = dict(pending[2], original=args["cond_denoised"])
         return denoised + self.scale * (preds[self.positive] - preds[self.negative])
 
-    def _branches_alone(self, args):
+    def _branches_alone(self, run, args):
         model, x, sigma, options, cond = args["model"], args["input"], args["sigma"], args["model_options"], args["cond"]
-        if self._needs_report is None:
-            self._new_run(lambda: None)
-        if self._needs_report:
+        if run.measuring:
             self.runner.evaluate(model, [cond], x, sigma, options, measure=True)
-            self._finish_measurement(sigma)
-        if not self.registered:
+            self._finish_measurement(run, sigma)
+        if not run.registered:
             return {}
         extra = self.runner.evaluate(model, [None], x, sigma, options, [Branch(cond, kind) for kind in self.kinds])[1:]
         return dict(zip(self.kinds, extra))
 
     # registry ---------------------------------------------------------------------------------
-    def _finish_measurement(self, sigma):
-        if not self._needs_report:
+    def _finish_measurement(self, run, sigma):
+        if not run.measuring:
             return
-        self._needs_report = False
-        self.entropies = {layer: total / count for layer, (total, count) in sorted(self._sink.items())}
-        self._sink = {}
-        if not self.entropies:
+        run.measuring = False
+        run.entropies = run.sums.take_means()
+        if not run.entropies:
             log.warning("IE-Adapt: the conditional pass reached no self-attention layer; guidance is off for this run")
-            self.registered = []
+            run.registered = []
             return
-        if self.registered is None:
-            ranked = sorted(self.entropies, key=lambda layer: (-self.entropies[layer], layer))
-            self.registered = sorted(ranked[:self.top_k])
-        chosen = ", ".join(f"{layer} ({self.entropies[layer]:.3f})" for layer in self.registered)
-        values = sorted(self.entropies.values())
+        if run.registered is None:
+            run.registered = highest(run.entropies, self.top_k)
+        chosen = ", ".join(f"{layer} ({run.entropies[layer]:.3f})" for layer in run.registered)
+        values = sorted(run.entropies.values())
         how = f"top {self.top_k} of {self.n_layers} by entropy" if self.auto else "manual list"
         log.info("IE-Adapt: layer(s) %s [%s] at sigma %.4g, normalised attention entropy; measured %d layers, range %.3f-%.3f, median %.3f",
                  chosen, how, float(sigma.max()), len(values), values[0], values[-1], values[len(values) // 2])
 
     # attention --------------------------------------------------------------------------------
-    def _attention(self, layer, layout, call_next, q, k, v, heads, **kwargs):
-        options = kwargs.get("transformer_options") or {}
-        plan = call_plan(options, self.key)
-        if plan is None:
-            return call_next(q, k, v, heads, **kwargs)
-        b = q.shape[0]
-        rows = cond_of_rows(options, b)
-        skip_reshape = kwargs.get("skip_reshape", False)
-        mask = kwargs.get("mask")
-        if q.shape[-2 if skip_reshape else 1] != k.shape[-2 if skip_reshape else 1]:
+    def _attention(self, call):
+        plan = call_plan(call.options, self.key)
+        run = run_state(call.options, self.key)
+        if plan is None or run is None:
+            return call.run()
+        if not call.square:
             # Not the whole sequence attending to itself (a layer splitting its queries over several
             # kernel calls): neither map is defined on a part of it; leave the layer alone.
             if "partial" not in self._warned:
                 self._warned.add("partial")
-                log.warning("IE-Adapt: self-attention layer %d is not one square kernel call; it is not measured or perturbed", layer)
-            return call_next(q, k, v, heads, **kwargs)
-        span = map_span(self.attention_map, layout, q.shape[-2 if skip_reshape else 1])
+                log.warning("IE-Adapt: self-attention layer %d is not one square kernel call; it is not measured or perturbed", call.layer)
+            return call.run()
         if plan.measure:
-            cond = [i for i, c in enumerate(rows) if c == 0]
+            cond = call.rows(0)
             if cond:
-                index = torch.tensor(cond, device=q.device)
-                qc, kc = heads_first(q, heads, skip_reshape).index_select(0, index), heads_first(k, heads, skip_reshape).index_select(0, index)
-                mc = _batch_mask(mask, b, index)
-                if span is not None:
-                    qc, kc, mc = restrict_to_tokens(qc, kc, mc, *span)
-                e = attention_entropy(qc, kc, mc, rows=self.rows)
-                total = float(e.sum())
-                with self._sink_lock:
-                    before, count = self._sink.get(layer, (0.0, 0))
-                    self._sink[layer] = (before + total, count + e.numel())
-        element_kind = [plan.roles.get(c) for c in rows]
-        if layer not in (self.registered or ()) or not any(element_kind):
-            return call_next(q, k, v, heads, **kwargs)
-        return self._perturbed(element_kind, span, call_next, q, k, v, heads, **kwargs)
+                run.sums.add(call.layer, call_entropy(call, cond, self.attention_map, self.rows))
+        element_kind = [plan.roles.get(c) for c in call.conds]
+        if call.layer not in (run.registered or ()) or not any(element_kind):
+            return call.run()
+        return _perturbed(call, element_kind, call.map_span(self.attention_map))
 
-    def _perturbed(self, element_kind, span, call_next, q, k, v, heads, **kwargs):
-        """The kernel output with the branch elements' map replaced: over the whole map, or (span)
-        over the video tokens only, whose text rows then keep the original attention."""
-        b = q.shape[0]
-        skip_reshape = kwargs.get("skip_reshape", False)
-        skip_output_reshape = kwargs.get("skip_output_reshape", False)
-        mask = kwargs.get("mask")
-        options = kwargs["transformer_options"]
-        normal = [i for i in range(b) if element_kind[i] is None]
-        if (normal and not calls_kernel(call_next)) or span is not None:
-            # Slicing the branch elements out of the kernel call saves their attention, but another
-            # override inside ours (another pack, Enhance-A-Video) may keep per-call state shaped
-            # like the whole batch: it gets the whole batch.
-            out = call_next(q, k, v, heads, **kwargs)
-        elif normal:
-            index = torch.tensor(normal, device=q.device)
-            groups = options["cond_or_uncond"]
-            per = b // len(groups)
-            sub = dict(kwargs, transformer_options=dict(options, cond_or_uncond=[c for g, c in enumerate(groups) if element_kind[g * per] is None]))
-            if "mask" in kwargs:
-                sub["mask"] = _batch_mask(mask, b, index)
-            part = call_next(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index), heads, **sub)
-            out = part.new_empty((b,) + tuple(part.shape[1:]))
-            out[index] = part
-        else:
-            hq = heads_first(q, heads, skip_reshape)
-            n_q, dim = hq.shape[2], v.shape[-1] if skip_reshape else v.shape[-1] // heads
-            shape = (b, heads, n_q, dim) if skip_output_reshape else (b, n_q, heads * dim)
-            out = q.new_empty(shape)
-        vh = heads_first(v, heads, skip_reshape)
-        start, stop = span if span is not None else (0, q.shape[2] if skip_reshape else q.shape[1])
-        tokens = out[:, :, start:stop] if skip_output_reshape else out[:, start:stop]
-        for kind in ("identity", "uniform"):
-            rows = [i for i in range(b) if element_kind[i] == kind]
-            if not rows:
-                continue
-            index = torch.tensor(rows, device=q.device)
-            _, vk, m = restrict_to_tokens(vh.index_select(0, index), vh.index_select(0, index), _batch_mask(mask, b, index), start, stop)
-            r = replaced_attention(kind, vk, stop - start, m)
-            if not skip_output_reshape:
-                r = r.transpose(1, 2).reshape(len(rows), stop - start, -1)
-            tokens[index] = r.to(out.dtype)
-        return out
 
+def _perturbed(call, element_kind, span):
+    """The kernel output with the branch elements' map replaced: over the whole map, or (span) over
+    the video tokens only, whose text rows then keep the original attention."""
+    b = call.batch
+    normal = [i for i in range(b) if element_kind[i] is None]
+    if (normal and not call.next_is_kernel) or span is not None:
+        # Slicing the branch elements out of the kernel call saves their attention, but another
+        # override inside ours (another pack, Enhance-A-Video) may keep per-call state shaped
+        # like the whole batch: it gets the whole batch.
+        out = call.run()
+    elif normal:
+        index = torch.tensor(normal, device=call.q.device)
+        groups = call.options["cond_or_uncond"]
+        per = b // len(groups)
+        changes = {"transformer_options": dict(call.options, cond_or_uncond=[c for g, c in enumerate(groups) if element_kind[g * per] is None])}
+        if "mask" in call.kwargs:
+            changes["mask"] = call.mask_rows(index)
+        part = call.run(call.q.index_select(0, index), call.k.index_select(0, index), call.v.index_select(0, index), **changes)
+        out = part.new_empty((b,) + tuple(part.shape[1:]))
+        out[index] = part
+    else:
+        n_q = call.seq_len
+        dim = call.v.shape[-1] if call.skip_reshape else call.v.shape[-1] // call.heads
+        out = call.q.new_empty((b, call.heads, n_q, dim) if call.skip_output_reshape else (b, n_q, call.heads * dim))
+    vh = call.heads_first(call.v)
+    start, stop = span if span is not None else (0, call.seq_len)
+    tokens = out[:, :, start:stop] if call.skip_output_reshape else out[:, start:stop]
+    for kind in ("identity", "uniform"):
+        rows = [i for i in range(b) if element_kind[i] == kind]
+        if not rows:
+            continue
+        index = torch.tensor(rows, device=call.q.device)
+        _, vk, m = restrict_to_tokens(vh.index_select(0, index), vh.index_select(0, index), call.mask_rows(index), start, stop)
+        r = replaced_attention(kind, vk, stop - start, m)
+        if not call.skip_output_reshape:
+            r = r.transpose(1, 2).reshape(len(rows), stop - start, -1)
+        tokens[index] = r.to(out.dtype)
+    return out
 
 def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows, attention_map):
     if attention_map not in MAPS:

@@ -21,8 +21,6 @@ would take about 150 GB for Wan 1.3B at 81 frames):
 """
 
 import logging
-import threading
-from dataclasses import dataclass, field
 
 import torch
 
@@ -30,32 +28,36 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.utils
 
-from .attention_entropy import attention_entropy, heads_first, restrict_to_tokens
-from .attention_hooks import SelfAttentionLayers, SigmaWindow
-from .branch_runner import Branch, BranchRunner, call_plan, cond_of_rows
-from .entropy_guidance import map_span
-from .evs_sampler import ddim_inversion_step
-from .models import adapter_for
+from ..measures.attention_entropy import call_entropy
+from ..models import adapter_for
+from ..patching.layer_routing import SelfAttentionLayers
+from ..patching.run_state import RunState, per_run_state, run_state
+from ..patching.sigma_window import SigmaWindow
+from ..sampling.branches import Branch, BranchRunner, call_plan
+from ..sampling.ddim import ddim_inversion_step
+from ..sampling.entropy_registry import LayerSums, lowest
 
 log = logging.getLogger(__name__)
 
 SOURCE_CONDS = "freevideo_edit_source"
 
 
-@dataclass
-class _Run:
+class _Run(RunState):
     """One sampling run: the guider (its CFG and processed conds), the schedule, the source latents."""
 
-    guider: object
-    sigmas: torch.Tensor
-    levels: dict = field(default_factory=dict)  # float sigma -> source latent at that level
-    layers: list | None = None  # chosen at the first active step
-    split_warned: bool = False
+    def __init__(self, guider, sigmas):
+        self.guider = guider
+        self.sigmas = sigmas
+        self.levels = {}  # float sigma -> source latent at that level
+        self.layers = None  # chosen at the first active step
+        self.entropies = {}
+        self.sums = LayerSums()
+        self.split_warned = False
 
 
 class EntropyEditing:
-    """The state and hooks of one editing node's clone (hooks are closures over it, see
-    EntropyGuidance)."""
+    """One editing node's settings and hooks; what a sampling run accumulates lives in its _Run.
+    Hooks are closures over this object (ComfyUI deep-copies model_options on every clone)."""
 
     def __init__(self, model, source_positive, source_latent=None, ratio: float = 0.5,
                  start_percent: float = 0.0, end_percent: float = 1.0):
@@ -74,21 +76,28 @@ class EntropyEditing:
         self.ratio = float(ratio)
         self.clone = model.clone()
         self.window.follow(self.clone)
-        self.run = None
-        self.entropies = {}
-        self._sink = {}
-        self._lock = threading.Lock()  # multi-GPU work units measure layers concurrently
+        self.last_run = None
         if self.ratio == 0:
             return
         self.key = f"freevideo_ie_adapt_edit_{id(self)}"
         state = self
-        SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt editing").route(range(self.n_layers), self._attention)
+        SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt editing").route(
+            range(self.n_layers), lambda call: state._attention(call))
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
-        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key,
+        # The run's holder is made by _new_run, which also adds the source conds to the guider.
+        per_run_state(self.clone, self.key, lambda guider, noise, latent_image, sampler, sigmas, *a, **kw:
+                      state._start_run(guider, sigmas))
+        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key + "/source",
                                         lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
         if self.source_latent is not None:
             self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
                                             lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
+
+    def _start_run(self, guider, sigmas):
+        # last_run: the latest run's outcome, for inspection (tests, a caller's report); sampling
+        # reads the run only through the call's options.
+        self.last_run = _Run(guider, sigmas.detach().float().cpu())
+        return self.last_run
 
     # sampling run -------------------------------------------------------------------------------
     def _new_run(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -98,16 +107,14 @@ class EntropyEditing:
         guider = executor.class_obj
         # Processed with the run's other conds (the model's own conditioning, areas, devices).
         guider.conds[SOURCE_CONDS] = [c.copy() for c in comfy.sampler_helpers.convert_cond(self.source)]
-        self.run = _Run(guider, sigmas.detach().float().cpu())
         try:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             guider.conds.pop(SOURCE_CONDS, None)
-            self.run = None
 
     def _calc_cond_batch(self, args):
         conds, sigma = args["conds"], args["sigma"]
-        run = self.run
+        run = run_state(args["model_options"], self.key)
         if run is None or conds[0] is None or not self.window.contains({"sigmas": sigma}):
             return self.runner.run(args)[0]
         level = float(sigma.max())
@@ -139,7 +146,7 @@ class EntropyEditing:
         The sampler's first latent is noise_scaling(sigma_0, noise, latent_image), linear in the
         noise, whatever the model's sampling: the noise that makes it the inverted latent replaces
         the sampler's own."""
-        run = self.run
+        run = run_state(extra_args["model_options"], self.key)
         if run is not None:
             model = guider.inner_model
             start = self._invert(run, model, extra_args["model_options"], noise, sigmas)
@@ -192,38 +199,31 @@ class EntropyEditing:
 
     # registry -----------------------------------------------------------------------------------
     def _choose(self, run, level):
-        with self._lock:
-            sink, self._sink = self._sink, {}
-        self.entropies = {layer: total / count for layer, (total, count) in sorted(sink.items())}
-        ranked = sorted(self.entropies, key=lambda layer: (self.entropies[layer], layer))
-        run.layers = sorted(ranked[:round(self.ratio * len(ranked))])
+        run.entropies = run.sums.take_means()
+        run.layers = lowest(run.entropies, self.ratio)
+        ranked = sorted(run.entropies, key=lambda layer: (run.entropies[layer], layer))
         log.info("IE-Adapt editing: source attention replaced in layer(s) %s (lowest %.0f%% of %d by entropy at sigma %.4g: %s)",
                  ", ".join(map(str, run.layers)) or "none", 100 * self.ratio, len(ranked), level,
-                 ", ".join(f"{layer}: {self.entropies[layer]:.3f}" for layer in ranked))
+                 ", ".join(f"{layer}: {run.entropies[layer]:.3f}" for layer in ranked))
 
     # attention ----------------------------------------------------------------------------------
-    def _attention(self, layer, layout, call_next, q, k, v, heads, **kwargs):
-        options = kwargs.get("transformer_options") or {}
-        plan = call_plan(options, self.key)
-        if plan is None or not plan.roles:
-            return call_next(q, k, v, heads, **kwargs)
-        skip_reshape = kwargs.get("skip_reshape", False)
-        axis = 2 if skip_reshape else 1
-        if q.shape[axis] != k.shape[axis]:
-            return call_next(q, k, v, heads, **kwargs)
-        rows = cond_of_rows(options, q.shape[0])
-        roles = [plan.roles.get(c, ("target", c)) for c in rows]
-        span = map_span("video tokens", layout, q.shape[axis]) or (0, q.shape[axis])
+    def _attention(self, call):
+        plan = call_plan(call.options, self.key)
+        run = run_state(call.options, self.key)
+        if plan is None or not plan.roles or run is None or not call.square:
+            return call.run()
+        roles = [plan.roles.get(c, ("target", c)) for c in call.conds]
         if plan.measure:
-            self._measure(layer, roles, span, q, k, heads, kwargs)
-            return call_next(q, k, v, heads, **kwargs)
-        run = self.run
-        if run is None or layer not in (run.layers or ()):
-            return call_next(q, k, v, heads, **kwargs)
+            source = [i for i, r in enumerate(roles) if r == ("source", 0)]
+            if source:
+                run.sums.add(call.layer, call_entropy(call, source, "video tokens"))
+            return call.run()
+        if call.layer not in (run.layers or ()):
+            return call.run()
         # The target elements take the paired source elements' q and k (video tokens).
+        start, stop = call.map_span("video tokens") or (0, call.seq_len)
+        q, k = call.q.clone(), call.k.clone()
         targets = [i for i, r in enumerate(roles) if r[0] == "target"]
-        q, k = q.clone(), k.clone()
-        start, stop = span
         for kind in (0, 1):
             tgt = [i for i in targets if roles[i][1] == kind]
             src = [i for i, r in enumerate(roles) if r == ("source", kind)]
@@ -235,26 +235,9 @@ class EntropyEditing:
                     log.warning("IE-Adapt editing: ComfyUI ran the source and the target in separate forwards (memory "
                                 "was short); their attention could not be paired in some calls, so those were not edited")
                 continue
-            for t_, s_ in ((q, q), (k, k)):
-                t_.narrow(axis, start, stop - start)[tgt] = s_.narrow(axis, start, stop - start)[src]
-        return call_next(q, k, v, heads, **kwargs)
-
-    def _measure(self, layer, roles, span, q, k, heads, kwargs):
-        rows = [i for i, r in enumerate(roles) if r == ("source", 0)]
-        if not rows:
-            return
-        skip_reshape = kwargs.get("skip_reshape", False)
-        index = torch.tensor(rows, device=q.device)
-        qs = heads_first(q, heads, skip_reshape).index_select(0, index)
-        ks = heads_first(k, heads, skip_reshape).index_select(0, index)
-        mask = kwargs.get("mask")
-        if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0] > 1:
-            mask = mask.index_select(0, index)
-        qs, ks, mask = restrict_to_tokens(qs, ks, mask, *span)
-        e = attention_entropy(qs, ks, mask, rows=None)
-        with self._lock:
-            total, count = self._sink.get(layer, (0.0, 0))
-            self._sink[layer] = (total + float(e.sum()), count + e.numel())
+            for t in (q, k):
+                t.narrow(call.token_axis, start, stop - start)[tgt] = t.narrow(call.token_axis, start, stop - start)[src]
+        return call.run(q, k)
 
 
 def apply_entropy_editing(model, source_positive, source_latent=None, ratio: float = 0.5,

@@ -1,0 +1,1 @@
+"""What the methods measure about attention: normalised entropy and cross-frame intensity."""

@@ -1,0 +1,1 @@
+"""The methods, one module (or package) each; none imports another."""

@@ -1,0 +1,3 @@
+"""How the pack patches ComfyUI: the attention-override slot, hooked copies of modules, routing of
+chosen self-attention layers to a method (one AttentionCall view per kernel call), layer lists,
+the sampling window, and the per-run state holder. Imports only the family adapters below it."""
