@@ -41,8 +41,9 @@ from ..patching.layer_lists import parse_layer_list
 from ..patching.layer_routing import SelfAttentionLayers
 from ..patching.run_state import RunState, per_run_state, run_state
 from ..patching.sigma_window import SigmaWindow
-from ..sampling.branches import Branch, BranchRunner, SharedPrefix, call_plan
+from ..sampling.branches import Branch, BranchRunner, call_plan
 from ..sampling.entropy_registry import LayerSums, highest
+from ..sampling.shared_prefix import SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class EntropyGuidance:
         hooks.route(range(n_layers) if self.auto else self.manual, lambda call: state._attention(call))
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
         # The branches copy the conditional element up to the first registered layer: on families
-        # with block-replace points they skip those blocks (see sampling/branches.SharedPrefix).
+        # with block-replace points they skip those blocks (see sampling/shared_prefix.py).
         points = adapter.prefix_points(model.get_model_object("diffusion_model"))
         self.shares_prefix = points is not None
         if self.shares_prefix:
