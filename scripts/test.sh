@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets up the runtime (idempotent) and runs the whole suite on it.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k enhance`).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k enhance`, or `-m "not browser"`; the
+# markers are listed in pytest.ini).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 start=$(date +%s)

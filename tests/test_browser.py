@@ -27,6 +27,7 @@ from support import browser_page, tiny_models
 from support.comfy_server import PACK_NAME, ComfyServer
 from support.in_process import ROOT
 
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SCREENSHOTS = ROOT / "docs" / "images" / "workflows"
 UPDATE_SCREENSHOTS = os.environ.get("FREEVIDEO_UPDATE_SCREENSHOTS") == "1"

@@ -266,6 +266,7 @@ def _graphs(counters) -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("node", sorted(OURS))
 def test_torch_compile(wan21, node, order, dynamo_counters):
@@ -297,6 +298,7 @@ def test_torch_compile(wan21, node, order, dynamo_counters):
     assert _graphs(dynamo_counters) == first_run, f"a second sampling run compiled again: {summary}"
 
 
+@pytest.mark.compile
 def test_torch_compile_alone_matches_eager(wan21, dynamo_counters):
     """The tolerance above, measured: ComfyUI's compile of the plain tiny Wan against eager."""
     _needs_compiler()

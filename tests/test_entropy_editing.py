@@ -134,6 +134,7 @@ def test_bad_input_is_a_clear_error(wan21, case, message):
         apply_entropy_editing(wan21, SOURCE, **case)
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_every_family_edits(fam):
     model = load(fam)

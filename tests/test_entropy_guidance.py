@@ -319,6 +319,7 @@ def _as_output_layout(v, heads, kwargs):
     return v
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("attention_map", ["video tokens", "whole map"])
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_every_family_registers_and_replaces(fam, attention_map):
@@ -362,6 +363,7 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     assert report.entropy == pytest.approx([g.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_sampled_estimate_ranks_layers_as_exact_entropy_except_near_ties(fam):
     """The estimate (32 query rows per head here) may swap two layers only where their exact
@@ -420,6 +422,7 @@ def test_shared_prefix_gives_todays_result_and_skips_the_branches_before_the_lay
     assert full_sizes == [(i, 4) for i in range(4)]
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("fam_id", ["ltxv", "mochi", "hunyuan_video", "hunyuan_video_15"])
 def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, monkeypatch):
     """LTX-Video, Mochi and HunyuanVideo share the prefix too (ComfyUI's block-replace points, in

@@ -347,6 +347,7 @@ def euler_from_the_exact_top(ms, x0, down):
     return x
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("family", ["sd15 epsilon", "wan21 flow", "cosmos1 EDM", "cosmos_predict2 rectified flow"])
 def test_inversion_then_sampling_returns_the_input(family, sd15, wan21):
     """50 steps up to the top of the schedule and back. Bound: the round trip may cost at most twice
@@ -494,6 +495,7 @@ def test_node_schema_execute_and_workflows(sd15):
             assert n["widgets_values"][widgets.index("seed") + 1] in ("fixed", "randomize", "increment", "decrement")
 
 
+@pytest.mark.server
 def test_through_comfyuis_own_server(tmp_path):
     """As users run it: ComfyUI's server, API prompt with loaders, Wan 2.1 as both the image and the
     video model (pixel bridge, SFI on), outputs saved; a bad t_T2V is reported before sampling."""

@@ -18,6 +18,7 @@ def _video_axis(kwargs):
     return 2 if kwargs.get("skip_reshape") else 1
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_injects_video_tokens_and_keeps_each_branchs_text(fam):
     model = load(fam)

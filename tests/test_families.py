@@ -20,6 +20,8 @@ from support import tiny_models
 from support.families import BY_ID, FAMILIES, FRAMES, TEXT_TOKENS, load, plain, sample
 from support.reference import naive_scale
 
+pytestmark = pytest.mark.families
+
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_loader_builds_the_intended_model_class(fam):

@@ -278,6 +278,7 @@ def family_models():
     models.clear()
 
 
+@pytest.mark.families
 @pytest.mark.parametrize("mode", ["attention input", "block input"])
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_layer_inputs_equal_the_naive_rule(fam, mode, family_models):

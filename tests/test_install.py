@@ -122,6 +122,7 @@ def manager_install(tmp_path_factory, git_url):
     return {"comfy": comfy, "pack": installed, "output": output, "seconds": time.perf_counter() - started}
 
 
+@pytest.mark.install
 def test_manager_installs_the_committed_head_with_its_requirements(manager_install):
     pack, output = manager_install["pack"], manager_install["output"]
     assert git("rev-parse", "HEAD", cwd=pack) == git("rev-parse", "HEAD", cwd=ROOT)
@@ -154,6 +155,8 @@ def installed_server(manager_install):
         yield server
 
 
+@pytest.mark.install
+@pytest.mark.server
 def test_installed_pack_registers_every_node(installed_server):
     log = installed_server.log()
     assert re.search(rf"custom_nodes/{PACK_NAME}\s*$", log, re.M), log[-3000:]
@@ -166,6 +169,8 @@ def test_installed_pack_registers_every_node(installed_server):
         assert any(title in info[name]["description"] for title in PAPERS), (name, info[name]["description"])
 
 
+@pytest.mark.install
+@pytest.mark.server
 def test_builtin_manager_lists_the_installed_pack(installed_server):
     """ComfyUI versions with a built-in Manager (--enable-manager): it sees the pack as installed
     and imported, with no import failure recorded."""
@@ -224,6 +229,7 @@ def comfy_cli_python() -> Path:
     return python
 
 
+@pytest.mark.install
 def test_comfy_node_validate_passes_without_warnings(tmp_path):
     python = comfy_cli_python()
     # comfy-cli keeps its settings under $HOME; a fresh one per run, telemetry off, no prompts.
@@ -237,6 +243,7 @@ def test_comfy_node_validate_passes_without_warnings(tmp_path):
     assert not re.search(r"warning|error", output, re.I), output
 
 
+@pytest.mark.install
 def test_suite_runs_in_a_clone_named_like_the_repository(tmp_path):
     """A user's clone is named after the repository, which is no Python identifier: pytest must not
     import the root's __init__.py by that name (it did, and every test of the suite errored)."""

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from support import tiny_models
 from support.comfy_server import ROOT, ComfyServer
 
+pytestmark = pytest.mark.server
 PEERS = Path(os.environ.get("FREEVIDEO_PEERS", ROOT.parent / "shared" / "peers"))
 PACKS = ("ComfyUI-GGUF", "ComfyUI-KJNodes")
 

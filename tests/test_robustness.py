@@ -266,6 +266,7 @@ def model_calls(server) -> int:
 
 # --- isolation -------------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_patched_and_plain_in_one_prompt_and_in_consecutive_prompts(server, reference):
     plain = reference("plain", wan_prompt(None))["save_out.latents.0"]
     eav = reference("eav4", wan_prompt("eav"))["save_out.latents.0"]
@@ -290,6 +291,7 @@ def test_patched_and_plain_in_one_prompt_and_in_consecutive_prompts(server, refe
         assert torch.equal(got, want), f"{method or 'plain'} after other prompts differs from the fresh server"
 
 
+@pytest.mark.server
 def test_queued_prompts_with_different_settings_do_not_see_each_other(server, reference):
     configs = [("eav", dict(weight=2.0)), ("eav", dict(weight=8.0)), ("ieg", dict(scale=1.0)), ("ieg", dict(scale=3.0)),
                (None, {})]
@@ -311,6 +313,7 @@ def test_queued_prompts_with_different_settings_do_not_see_each_other(server, re
         assert torch.equal(got[f"save_{name}.latents.0"], want), name
 
 
+@pytest.mark.server
 def test_twenty_prompts_grow_nothing(server, reference):
     """RSS of the server process and what the loaded model carries, after each of 20 prompts that
     alternate the nodes and their settings (each re-runs its node: new settings or a new nonce)."""
@@ -357,6 +360,7 @@ INTERRUPTS = {
 }
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("inside", [False, True], ids=["at_step_end", "inside_step"])
 @pytest.mark.parametrize("node", list(INTERRUPTS))
 def test_interrupt_then_the_same_prompt_is_right(server, reference, node, inside):
@@ -469,6 +473,7 @@ def test_guidance_maps_stay_finite_at_the_dtype_limits(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.server
 def test_low_precision_models_sample_with_every_node(server, dtype):
     """The tiny Wan in fp16 / bf16 (weights and compute): plain, Enhance-A-Video, entropy guidance,
     both together, the inspector and EVS run and give finite results; the methods change them."""
@@ -593,6 +598,7 @@ def _error_text(exc_or_entry) -> tuple[str, str]:
     return "none", json.dumps(exc_or_entry["status"])
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("case,build,pattern", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_is_a_clear_error_before_any_model_call(server, reference, case, build, pattern):
     plain = reference("plain", wan_prompt(None))["save_out.latents.0"]

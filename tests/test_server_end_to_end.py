@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from support import tiny_models
 from support.comfy_server import ComfyServer
 
+pytestmark = pytest.mark.server
+
 
 def wan_prompt(enhance_weight: float | None, prefix: str) -> dict:
     prompt = {
