@@ -33,7 +33,7 @@ from ..models import adapter_for
 from ..patching.layer_routing import SelfAttentionLayers
 from ..patching.run_state import RunState, per_run_state, run_state
 from ..patching.sigma_window import SigmaWindow
-from ..sampling.branches import Branch, BranchRunner, call_plan
+from ..sampling.branches import Branch, BranchRunner, batch_plan
 from ..sampling.ddim import ddim_inversion_step
 from ..sampling.entropy_registry import LayerSums, lowest
 
@@ -208,7 +208,7 @@ class EntropyEditing:
 
     # attention ----------------------------------------------------------------------------------
     def _attention(self, call):
-        plan = call_plan(call.options, self.key)
+        plan = batch_plan(call.options, self.key)
         run = run_state(call.options, self.key)
         if plan is None or not plan.roles or run is None or not call.square:
             return call.run()

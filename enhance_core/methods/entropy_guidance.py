@@ -41,7 +41,7 @@ from ..patching.layer_lists import parse_layer_list
 from ..patching.layer_routing import SelfAttentionLayers
 from ..patching.run_state import RunState, per_run_state, run_state
 from ..patching.sigma_window import SigmaWindow
-from ..sampling.branches import Branch, BranchRunner, call_plan
+from ..sampling.branches import Branch, BranchRunner, batch_plan
 from ..sampling.entropy_registry import LayerSums, highest
 from ..sampling.shared_prefix import SharedPrefix
 
@@ -210,7 +210,7 @@ class EntropyGuidance:
 
     # attention --------------------------------------------------------------------------------
     def _attention(self, call):
-        plan = call_plan(call.options, self.key)
+        plan = batch_plan(call.options, self.key)
         run = run_state(call.options, self.key)
         if plan is None or run is None:
             return call.run()

@@ -1,43 +1,23 @@
-"""Cross-layer feature accumulation (RepVideo, Si et al. 2025, "RepVideo: Rethinking Cross-Layer
-Representation for Video Generation") on a clone of a ComfyUI video model, without training.
+"""Cross-layer feature accumulation (RepVideo, Si et al. 2025) on a clone of a ComfyUI video model,
+without training; docs/nodes/feature_accumulation.md describes it and how it differs from the paper.
 
-The rule of the reference code (CogVideoX-2B): before layer i the hidden state h becomes
+The reference rule (CogVideoX-2B): before layer i the hidden state h becomes
     g_i * mean(cache) + (1 - g_i) * h,
-where the cache holds the outputs of the layers since the last group boundary: after layer i it
-restarts with that layer's output when i % m == 0, else that output is appended (m = 6 there).
-Before layer 0 the cache holds layer 0's own input, so layer 0 and every layer right after a
-restart (1, 7, 13, ...) mix h with itself. The reference learns one g_i per layer (initialised 0.5)
-and fine-tunes the model with it; here the gates are fixed numbers the user chooses.
+the cache holding the outputs since the last group boundary: after layer i it restarts with that
+output when i % m == 0, else the output is appended; before layer 0 it holds layer 0's input. Here
+the gates are fixed, the cache is a running sum and a count (video tokens only), and "attention
+input" mode mixes only what the block forms q, k, v from (the adapter's `attention_input` module,
+or LTX-Video's RMS norm function); "block input" mode replaces the block's whole input.
 
-Modes:
-- "block input": the reference rule; the block's whole input is replaced.
-- "attention input": the mixed state reaches only what the block forms its self-attention's q, k, v
-  from (the family adapter's `attention_input` module, or the RMS norm that LTX-Video applies to its
-  hidden state); the residual stream, the cross-attention and the MLP keep h. Weights that were
-  never tuned for the mix see it in one place per block instead of everywhere downstream.
-
-State: per model call one running sum of the current group's outputs (one hidden state, in the
-model's dtype) and a count, never m stored tensors (a Wan 14B hidden state at 720p is about 0.8 GB);
-it is per thread (multi-GPU work units run model calls concurrently) and dropped when the call ends.
-
-Video tokens only: the reference concatenates CogVideoX's text tokens into the sequence, so its mean
-mixes text too. Here the text tokens of joint-attention blocks (HunyuanVideo's single-stream blocks)
-pass through: HunyuanVideo's double-stream blocks keep text in a stream of its own, so only the video
-tokens have a hidden state at every layer to accumulate, and the text is the prompt's conditioning,
-which the method (consistent video features across layers) is not about.
-
-Hooks: hooked copies of the block modules and of the attention-input modules, installed as object
-patches on the clone (ComfyUI restores them, re-made on multi-GPU deep clones). Not ComfyUI's
-`patches_replace["dit"]` block entries: that is one slot per block, which a later node's
-`set_model_patch_replace` overwrites (the accumulation would silently stop there); Cosmos and
-CogVideoX have no such entry, and Kandinsky 5's passes arguments its blocks do not take; and the
-attention-input mode needs a hook inside the block anyway.
+Hooks: hooked copies of the blocks (and attention-input modules) as object patches, not
+`patches_replace["dit"]` block entries: those are one slot per block that a later node overwrites,
+Cosmos and CogVideoX have none, and Kandinsky 5's passes arguments its blocks do not take.
 """
 
+import contextlib
 import inspect
 import logging
 import math
-import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -45,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 import comfy.patcher_extension
 
 from ..models import adapter_for
-from ..patching.attention_slot import apply_model_options
+from ..patching.call_state import CallState, per_model_call, video_of, with_video
 from ..patching.layer_lists import format_ranges, parse_layer_list
 from ..patching.module_hooks import hook_module, module_of
 from ..patching.sigma_window import SigmaWindow
@@ -95,14 +75,12 @@ class GroupAccumulator:
         self.group_size = group_size
         self.sum = None
         self.count = 0
-        # (layer, its output): to follow a change of batch rows (the output may be gone from the
-        # model by then), and to tell that a block's input is the previous block's output as it
-        # left our hook. Dropped with the sum after the last mixing layer.
+        # (layer, its output as it left our hook): to follow a change of batch rows, and to tell
+        # that a block's input is the previous block's output. Dropped with the sum.
         self.last = None
 
     def add(self, layer: int, out: torch.Tensor, whole: torch.Tensor | None = None) -> None:
-        """Add `out` (a layer's video tokens) to the sum; `whole` is the tensor the layer returned
-        (default: out)."""
+        """Add `out` (a layer's video tokens) to the sum; `whole` is what the layer returned (default: out)."""
         if layer % self.group_size == 0 or self.sum is None:
             if self.sum is not None and self.sum.shape == out.shape and self.sum.dtype == out.dtype:
                 self.sum.copy_(out)  # reuse the buffer: no second sum while the restart is made
@@ -155,12 +133,22 @@ def plan(selected_gates: dict[int, float], group_size: int) -> tuple[dict[int, f
     return mixing, needed
 
 
-class _Call(threading.local):
-    """The state of the model call running on this thread."""
+class _Call(CallState):
+    """What the hooks of the model call running on this thread share."""
     active = False
-    layout = None
     acc = None
-    pending = None  # (block input, mixed video tokens) waiting for the attention-input hook
+    pending = None  # (block input, its video span, the mix) until the block forms its attention input
+
+    def take_mixed_input(self, a):
+        """What the block's attention input `a` becomes, from the pending mix (taken: freed after)."""
+        h, span, mixed = self.pending
+        self.pending = None
+        new = with_video(h, span, mixed)
+        del mixed
+        if a is not h:
+            # The block added something to its state first (a per-block position embedding): keep it.
+            new = a + (new - h).to(a.dtype)
+        return new
 
 
 def _norm_function(func) -> bool:
@@ -168,19 +156,18 @@ def _norm_function(func) -> bool:
             or getattr(func, "_qualified_op_name", None) in ("comfy_kitchen::rms_adaln", "comfy_kitchen::adaln"))
 
 
-class _RedirectNorm(TorchFunctionMode):
-    """While a block runs: the first normalisation function applied to the block's input tensor
-    (by identity) gets `replacement` instead. For blocks that form their attention input with a
-    function, not a module (LTX-Video); every later call passes through."""
+class _NormInput(TorchFunctionMode):
+    """While a block runs: the first normalisation function applied to the block's input (by
+    identity) gets the pending mix instead. For blocks that form their attention input with a
+    function, not a module (LTX-Video)."""
 
-    def __init__(self, h, replacement):
+    def __init__(self, call):
         super().__init__()
-        self.h, self.replacement = h, replacement
+        self.call = call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.h is not None and args and args[0] is self.h and _norm_function(func):
-            args = (self.replacement,) + tuple(args[1:])
-            self.h = self.replacement = None
+        if self.call.pending is not None and args and args[0] is self.call.pending[0] and _norm_function(func):
+            args = (self.call.take_mixed_input(args[0]),) + tuple(args[1:])
         return func(*args, **(kwargs or {}))
 
 
@@ -191,7 +178,7 @@ def _hidden_parameter(block) -> str:
 
 
 class FeatureAccumulation:
-    """The hooks and per-call state of one node's clone."""
+    """The settings and hooks of one node's clone; what a model call accumulates is in `call`."""
 
     def __init__(self, model, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,
                  mode: str = "attention input", layers: str = "all", start_percent: float = 0.0, end_percent: float = 1.0):
@@ -200,12 +187,11 @@ class FeatureAccumulation:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size: {group_size!r} must be a whole number of layers, 1 or more (the reference uses 6)")
         adapter = adapter_for(model)
-        diffusion_model = model.get_model_object("diffusion_model")
-        self.blocks = adapter.blocks(diffusion_model)
-        selected = parse_layer_list(layers, len(self.blocks), "layers")
-        gates = parse_gates(gate, len(self.blocks), selected)
+        blocks = adapter.blocks(model.get_model_object("diffusion_model"))
+        selected = parse_layer_list(layers, len(blocks), "layers")
+        gates = parse_gates(gate, len(blocks), selected)
         self.window = SigmaWindow(model, start_percent, end_percent)
-        self.adapter, self.mode, self.group_size = adapter, mode, group_size
+        self.mode, self.group_size = mode, group_size
         self.mixing, self.needed = plan(gates, group_size)
         self.last_mixing = max(self.mixing, default=None)
         self.clone = model.clone()
@@ -216,34 +202,16 @@ class FeatureAccumulation:
             return  # every gate 0 (or only layer 0 chosen): a plain clone, bit-identical
         key = f"freevideo_feature_accumulation_{id(self)}"
         state = self  # closures, not bound methods: ComfyUI deep-copies model_options on clone
-        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
-                                        lambda executor, *a, **kw: state._model_call(executor, *a, **kw))
-        self.clone.add_wrapper_with_key(adapter.wrapper_type, key + "_layout",
-                                        lambda executor, *a, **kw: state._layout(executor, *a, **kw))
+        per_model_call(self.clone, key, self.call,
+                       lambda options: {"active": state.window.contains(options), "acc": GroupAccumulator(group_size)}, adapter)
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key,
                                         lambda executor, *a, **kw: state._log_run(executor, *a, **kw))
         for i in sorted(set(self.mixing) | self.needed):
-            site = self.blocks[i]
+            site = blocks[i]
             hidden_name = _hidden_parameter(module_of(self.clone, site.path)[1])
             hook_module(self.clone, site.path, self._block_hook(i, hidden_name, site.attention_input is None))
             if mode == "attention input" and i in self.mixing and site.attention_input is not None:
                 hook_module(self.clone, site.attention_input, self._attention_input_hook)
-
-    # model call -------------------------------------------------------------------------------
-    def _model_call(self, executor, x, *args, **kwargs):
-        options = apply_model_options(args, kwargs)
-        call = self.call
-        call.active = self.window.contains(options)
-        call.acc = GroupAccumulator(self.group_size)
-        call.pending = None
-        try:
-            return executor(x, *args, **kwargs)
-        finally:
-            call.active, call.acc, call.layout, call.pending = False, None, None, None
-
-    def _layout(self, executor, x, *args, **kwargs):
-        self.call.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
-        return executor(x, *args, **kwargs)
 
     def _log_run(self, executor, *args, **kwargs):
         layers = sorted(self.mixing)
@@ -254,111 +222,72 @@ class FeatureAccumulation:
                  format_ranges(layers), self.group_size, self.window.sigma_start, self.window.sigma_end)
         return executor(*args, **kwargs)
 
-    # token layout -----------------------------------------------------------------------------
-    def _span(self, t: torch.Tensor):
-        """The video tokens of a hidden state: None (all of it), a (start, stop) pair on dim 1 of a
-        joint [batch, tokens, channels] sequence, or False (no whole frames: not a video call)."""
-        layout = self.call.layout
-        if layout is None or t.ndim != 3:
-            return None  # one stream of video tokens ([B, L, C]) or a 5-D grid (Cosmos)
-        found = layout.video_tokens(t.shape[1])
-        if found is None:
-            return False
-        start, stop, _ = found
-        return None if (start, stop) == (0, t.shape[1]) else (start, stop)
-
-    @staticmethod
-    def _video(t, span):
-        return t if span is None else t[:, span[0]:span[1]]
-
-    @staticmethod
-    def _with_video(t, span, video):
-        if span is None:
-            return video
-        out = t.clone()
-        out[:, span[0]:span[1]] = video
-        return out
-
-    # hooks ------------------------------------------------------------------------------------
     def _block_hook(self, layer: int, hidden_name: str, by_function: bool):
-        gate = self.mixing.get(layer)
-        record = layer in self.needed
-        call = self.call
+        gate, record, call = self.mixing.get(layer), layer in self.needed, self.call
 
         def around(forward, *args, **kwargs):
             if not call.active:
                 return forward(*args, **kwargs)
             h = args[0] if args else kwargs[hidden_name]
-            span = self._span(h)
+            span = call.video_span(h)
             if span is False:
                 return forward(*args, **kwargs)
             acc = call.acc
-            if acc.sum is not None and acc.sum.shape != self._video(h, span).shape and not acc.follow_rows(layer, h):
+            if acc.sum is not None and acc.sum.shape != video_of(h, span).shape and not acc.follow_rows(layer, h):
                 self._warn_rows(layer)
-            if gate is not None and acc.count:
-                # Block input: when h is the previous block's output exactly as it left our hook
-                # (nothing between the blocks made a new tensor of it), its only other holder is
-                # the model's loop variable, which the block's output replaces: mix into it rather
-                # than beside it, one hidden state less at the block's peak. Not under autograd.
-                in_place = (self.mode == "block input" and acc.last_output(layer - 1) is h
-                            and not (torch.is_grad_enabled() and h.requires_grad))
-                mixed = acc.mix(self._video(h, span), gate, in_place)
-                if self.mode == "block input":
-                    new = h if in_place else self._with_video(h, span, mixed)
-                    if args:
-                        args = (new,) + args[1:]
-                    else:
-                        kwargs = dict(kwargs, **{hidden_name: new})
-                    out = forward(*args, **kwargs)
-                elif by_function:
-                    redirect = _RedirectNorm(h, self._with_video(h, span, mixed))
-                    del mixed
-                    with redirect:
-                        out = forward(*args, **kwargs)
-                    if redirect.h is not None:
-                        raise RuntimeError(f"Cross-layer feature accumulation: block {layer} applied no normalisation to "
-                                           "its input where the model adapter expects it (ComfyUI changed the block)")
-                else:
-                    # Only the pending slot holds the mix: freed once the attention-input module used it.
-                    call.pending = (h, span, mixed)
-                    del mixed
-                    try:
-                        out = forward(*args, **kwargs)
-                    finally:
-                        missed, call.pending = call.pending, None
-                    if missed is not None:
-                        raise RuntimeError(f"Cross-layer feature accumulation: block {layer}'s attention-input module did "
-                                           "not run where the model adapter expects it (ComfyUI changed the block)")
-                mixed = None
-            else:
+            if gate is None or not acc.count:
                 out = forward(*args, **kwargs)
+            elif self.mode == "block input":
+                out = self._run_on_block_input(forward, args, kwargs, hidden_name, layer, gate, h, span)
+            else:
+                out = self._run_on_attention_input(forward, args, kwargs, layer, gate, h, span, by_function)
             if record:
                 hidden_out = out if torch.is_tensor(out) else out[0]
-                acc.add(layer, self._video(hidden_out, span), hidden_out)
+                acc.add(layer, video_of(hidden_out, span), hidden_out)
             if layer == self.last_mixing:
                 acc.drop()  # no later layer reads the sum
             return out
         return around
+
+    def _run_on_block_input(self, forward, args, kwargs, hidden_name, layer, gate, h, span):
+        acc = self.call.acc
+        # When h is the previous block's output exactly as it left our hook (nothing between the
+        # blocks made a new tensor of it), its only other holder is the model's loop variable,
+        # which the block's output replaces: mix into it rather than beside it, one hidden state
+        # less at the block's peak. Not under autograd.
+        in_place = acc.last_output(layer - 1) is h and not (torch.is_grad_enabled() and h.requires_grad)
+        mixed = acc.mix(video_of(h, span), gate, in_place)
+        new = h if in_place else with_video(h, span, mixed)
+        del mixed
+        if args:
+            return forward(new, *args[1:], **kwargs)
+        return forward(**dict(kwargs, **{hidden_name: new}))
+
+    def _run_on_attention_input(self, forward, args, kwargs, layer, gate, h, span, by_function):
+        call = self.call
+        # Only the pending slot holds the mix, until the attention-input module's hook (or, where a
+        # norm function forms that input, _NormInput) takes it.
+        call.pending = (h, span, call.acc.mix(video_of(h, span), gate))
+        try:
+            with _NormInput(call) if by_function else contextlib.nullcontext():
+                out = forward(*args, **kwargs)
+        finally:
+            missed, call.pending = call.pending, None
+        if missed is not None:
+            raise RuntimeError(f"Cross-layer feature accumulation: block {layer} did not form its attention input "
+                               "where the model adapter expects it (ComfyUI changed the block)")
+        return out
+
+    def _attention_input_hook(self, forward, *args, **kwargs):
+        if self.call.pending is None:
+            return forward(*args, **kwargs)
+        return forward(self.call.take_mixed_input(args[0]), *args[1:], **kwargs)
 
     def _warn_rows(self, layer):
         if not self._warned:
             self._warned = True
             log.warning("Cross-layer feature accumulation: the batch changed inside a model call before block %d "
                         "(another node runs some blocks on part of the batch); the running mean restarts there", layer)
-
-    def _attention_input_hook(self, forward, *args, **kwargs):
-        pending, self.call.pending = self.call.pending, None
-        if pending is None:
-            return forward(*args, **kwargs)
-        h, span, mixed = pending
-        del pending
-        a = args[0]
-        new = self._with_video(h, span, mixed)
-        del mixed
-        if a is not h:
-            # The block added something to its state first (a per-block position embedding): keep it.
-            new = a + (new - h).to(a.dtype)
-        return forward(new, *args[1:], **kwargs)
 
 
 def apply_feature_accumulation(model, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,

@@ -20,7 +20,7 @@ from .module_hooks import follow_deep_clones, hook_module
 log = logging.getLogger(__name__)
 
 
-class _CallState(threading.local):
+class _RoutingState(threading.local):
     """The routing state of the model call running on this thread."""
     layout = None
     armed = None
@@ -36,7 +36,7 @@ class SelfAttentionLayers:
         self.adapter = adapter
         self.name = name
         self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
-        self.call = _CallState()
+        self.call = _RoutingState()
         self._handler = None
         self._routed = set()
         self._warned = False

@@ -31,7 +31,7 @@ class Branch:
 
 
 @dataclass(frozen=True)
-class CallPlan:
+class BatchPlan:
     """What one calc_cond_batch call asks of a method's attention handlers. Not a dict: ComfyUI's
     per-call merge of transformer_options copies dicts but passes other values by reference."""
 
@@ -42,7 +42,7 @@ class CallPlan:
     prefix: tuple | None = None
 
 
-def call_plan(transformer_options: dict | None, key: str) -> CallPlan | None:
+def batch_plan(transformer_options: dict | None, key: str) -> BatchPlan | None:
     return (transformer_options or {}).get(key)
 
 
@@ -64,7 +64,7 @@ class BranchRunner:
         each branch copies, where SharedPrefix is installed)."""
         n = len(conds)
         copies = {n + j: b.copy_of for j, b in enumerate(branches) if b.copy_of is not None and conds[b.copy_of] is not None}
-        plan = CallPlan({n + j: b.role for j, b in enumerate(branches)},
+        plan = BatchPlan({n + j: b.role for j, b in enumerate(branches)},
                         {n + j: b.x for j, b in enumerate(branches) if b.x is not None}, measure,
                         (prefix_until, copies) if prefix_until and copies else None)
         options = model_options.copy()
@@ -85,7 +85,7 @@ class BranchRunner:
                 out = self.evaluate(model, conds, x, sigma, options, measure=measure)
             else:
                 with_plan = options.copy()
-                with_plan["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: CallPlan(measure=measure)})
+                with_plan["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: BatchPlan(measure=measure)})
                 out = self.previous(dict(args, model_options=with_plan))
         if not branches:
             return out, []
@@ -95,7 +95,7 @@ class BranchRunner:
 
     def _own_inputs(self, executor, x, *args, **kwargs):
         options = apply_model_options(args, kwargs)
-        plan = call_plan(options, self.key)
+        plan = batch_plan(options, self.key)
         if plan is not None and plan.inputs:
             rows = cond_of_rows(options, x.shape[0])
             x = x.clone()

@@ -8,7 +8,7 @@ import torch
 
 from ..patching.attention_call import cond_of_rows
 from ..patching.attention_slot import eager
-from .branches import call_plan
+from .branches import batch_plan
 
 
 class SharedPrefix:
@@ -31,7 +31,7 @@ class SharedPrefix:
 
         def replace(args, extra):
             options = args.get("transformer_options") or {}
-            plan = call_plan(options, key)
+            plan = batch_plan(options, key)
             if plan is None or plan.prefix is None or i >= plan.prefix[0]:
                 return run(args, extra)
             img = args["img"]

@@ -32,7 +32,7 @@ from ...models import adapter_for
 from ...sampling.ddim import ddim_inversion_step
 from .feature_injection import SelectiveFeatureInjection
 from .latent_bridge import make_bridge
-from .schedule import SFI_SETTINGS, Stage, plan_evs, sfi_layers_and_gamma
+from .schedule import SFI_SETTINGS, Stage, evs_schedule, sfi_layers_and_gamma
 
 log = logging.getLogger(__name__)
 __all__ = ["SFI_SETTINGS", "Stage", "evs_sample"]
@@ -151,7 +151,7 @@ def evs_sample(image: Stage, video: Stage, latent: dict, strength: float, t_T2V:
     if "noise_mask" in latent:
         raise ValueError("latent: has a noise mask; EVS refines whole frames. Remove the mask (Set Latent Noise Mask)")
     samples = latent["samples"]
-    plan = plan_evs(image, video, strength, t_T2V, t_V, n_V)
+    schedule = evs_schedule(image, video, strength, t_T2V, t_V, n_V)
     bridge = make_bridge(image.model, video.model, samples, image_vae, video_vae)
     injector = None
     video_stage = video
@@ -173,37 +173,37 @@ def evs_sample(image: Stage, video: Stage, latent: dict, strength: float, t_T2V:
     noise_3 = torch.randn(image_latent.shape, generator=generator, dtype=torch.float32)
     seeds = [(seed + i) % 0x10000000000000000 for i in range(3)]
 
-    inversion_steps = 0 if injector is None else len(plan.inversion_sigmas()) - 1
-    total = (plan.image_steps_before + 1 + inversion_steps + plan.video_steps + int(plan.video_x0_call)
-             + plan.image_steps_after)
+    inversion_steps = 0 if injector is None else len(schedule.inversion_sigmas()) - 1
+    total = (schedule.image_steps_before + 1 + inversion_steps + schedule.video_steps + int(schedule.video_x0_call)
+             + schedule.image_steps_after)
     progress = _Progress(total)
 
     # 1. T2I down to level t_T2V, then the image model's x0 prediction there.
     zero = torch.zeros(1)
-    sigmas_1 = torch.cat([plan.image_sigmas[plan.image_start:plan.handover + 1], zero])
-    k = plan.image_steps_before
+    sigmas_1 = torch.cat([schedule.image_sigmas[schedule.image_start:schedule.handover + 1], zero])
+    k = schedule.image_steps_before
     sampler_1 = _program_sampler([("sample", 0, k), ("x0", k)], inner_image)
     progress.use_previewer(image.model)
     x0_image = _run(_guider(image), noise_1, image_latent, sampler_1, sigmas_1, progress, seeds[0])
 
     # 2. [T2V] block on x0_I.
     video_latent = bridge.to_video(x0_image)
-    block = plan.video_sigmas[plan.video_start:plan.video_end + 1]
-    tail = [zero] if plan.video_x0_call else []
+    block = schedule.video_sigmas[schedule.video_start:schedule.video_end + 1]
+    tail = [zero] if schedule.video_x0_call else []
     guider_v = _guider(video_stage, injector)
     if injector is None:
         sigmas_v = torch.cat([block] + tail)
-        parts = [("sample", 0, plan.video_steps)]
+        parts = [("sample", 0, schedule.video_steps)]
         noise = noise_v
     else:
         # DDIM inversion from the clean end up to level t_V, then the block from the inverted latent.
-        up = plan.inversion_sigmas()
+        up = schedule.inversion_sigmas()
         n_up = len(up) - 1
         sigmas_v = torch.cat([up, block[1:]] + tail)
-        parts = [("invert", 0, n_up), ("sample", n_up, n_up + plan.video_steps)]
+        parts = [("invert", 0, n_up), ("sample", n_up, n_up + schedule.video_steps)]
         injector.keep_levels(block)
         noise = torch.zeros_like(noise_v)  # the inverted latent is the start; nothing is added
-    if plan.video_x0_call:
+    if schedule.video_x0_call:
         parts.append(("x0", len(sigmas_v) - 2))
     progress.use_previewer(video.model)
     try:
@@ -214,7 +214,7 @@ def evs_sample(image: Stage, video: Stage, latent: dict, strength: float, t_T2V:
             injector.store.clear()
 
     # 3. Re-noise x0_IV to level t_T2V with the image model's own noise scaling and finish.
-    sigmas_3 = plan.image_sigmas[plan.handover:]
+    sigmas_3 = schedule.image_sigmas[schedule.handover:]
     progress.use_previewer(image.model)
     final = _run(_guider(image), noise_3, bridge.to_image(x0_video), inner_image, sigmas_3, progress, seeds[2])
 

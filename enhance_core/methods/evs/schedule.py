@@ -23,7 +23,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Plan:
+class EVSSchedule:
     """Algorithm 1 on two concrete sigma schedules (indices into the full schedules)."""
 
     image_sigmas: torch.Tensor  # full image schedule, steps + 1 levels
@@ -75,7 +75,7 @@ def image_run_steps(strength: float, steps: int) -> int:
     return math.floor(strength * steps + 0.5)
 
 
-def plan_evs(image: Stage, video: Stage, strength: float, t_T2V: int, t_V: int, n_V: int) -> Plan:
+def evs_schedule(image: Stage, video: Stage, strength: float, t_T2V: int, t_V: int, n_V: int) -> EVSSchedule:
     """Check the schedule settings and place them on both schedules; raises ValueError naming the input."""
     image_sigmas = full_schedule(image, "image")
     video_sigmas = full_schedule(video, "video")
@@ -92,7 +92,7 @@ def plan_evs(image: Stage, video: Stage, strength: float, t_T2V: int, t_V: int, 
         raise ValueError(f"t_V: {t_V} is outside the video schedule of {video.steps} steps; use 1-{video.steps}")
     if not 1 <= n_V <= t_V:
         raise ValueError(f"n_V: {n_V} video steps from t_V {t_V} run past the end of the video schedule; use 1-{t_V}")
-    return Plan(image_sigmas=image_sigmas, image_start=image.steps - t1, handover=image.steps - t_T2V,
+    return EVSSchedule(image_sigmas=image_sigmas, image_start=image.steps - t1, handover=image.steps - t_T2V,
                 video_sigmas=video_sigmas, video_start=video.steps - t_V, video_end=video.steps - t_V + n_V)
 
 
