@@ -2,9 +2,8 @@
 on a clone of a ComfyUI video model.
 
 Registry: on the first model evaluation of a sampling run inside the sigma window, the conditional
-pass measures the normalised attention entropy of every self-attention layer (measures/attention_entropy.py,
-exact by default) and registers the top-k. A manual layer list skips the choice; its
-layers' entropies are still measured and logged at that evaluation.
+pass measures the exact normalised attention entropy (the default; measures/attention_entropy.py) of
+every self-attention layer and registers the top-k; a manual layer list is measured and logged.
 
 Branches: in extra batch elements that copy the conditional input, the registered layers' attention
 map is replaced by the identity I (output = V) or the uniform map U (every row 1/n: output = the mean
@@ -13,21 +12,18 @@ of V over the keys, for every query). With the original map A (e_c) that gives
 (paper eq. 5). ComfyUI combines denoised predictions, not noise; denoised = x - sigma * eps, and the
 lambda term's weights sum to zero, so the same formula on denoised values is exactly eq. 5 on noise.
 
-Batching: the branches are appended to the conds of the step's calc_cond_batch call, so ComfyUI's own
-memory check batches them with cond and uncond in one forward when they fit and splits the batch
-when not. transformer_options["cond_or_uncond"] says which batch elements are which conds, and the
-attention handler perturbs only the branch elements. The one exception is the registry evaluation:
-the layer choice needs the whole conditional forward, so that evaluation runs the branches in a
-second call.
+Batching: the branches are appended to the conds of the step's calc_cond_batch call, so ComfyUI
+batches them with cond and uncond when its memory check allows and splits the batch when not (or
+deals it over devices); the attention handler perturbs only the branch rows (cond_or_uncond). The
+registry evaluation runs the branches in a second call: the choice needs the whole cond forward.
 
 Text tokens (HunyuanVideo, Mochi, CogVideoX joint attention): the paper studies U-Net models whose
 temporal and spatial layers attend over video tokens only, and is silent on text in the map. By
-default ("video tokens") the map that is measured and replaced is the video-to-video part: the
-entropy of video queries over video keys, U returns the mean value of the video keys to every video
-query, I each video token's own value, and text rows keep their original attention (so the uniform
-branch does not mix text values into the video). "whole map" measures and replaces the whole
-self-attention map, text rows and keys included. Families without text in self-attention (Wan,
-LTX-Video, Cosmos) give the same result either way.
+default ("video tokens") the map measured and replaced is the video-to-video part: the entropy of
+video queries over video keys, U gives every video query the mean value of the video keys, I each
+video token its own value, and text rows keep their attention (U mixes no text values into the
+video). "whole map" measures and replaces the whole map, text rows and keys included. Families
+without text in self-attention (Wan, LTX-Video, Cosmos) give the same result either way.
 """
 
 import logging
@@ -114,18 +110,16 @@ class EntropyGuidance:
         state = self
         hooks.route(range(n_layers) if self.auto else self.manual, lambda call: state._attention(call))
         self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
-        # The branches copy the conditional element up to the first registered layer: on families
-        # with block-replace points they skip those blocks (see sampling/shared_prefix.py).
+        # Branches copy the cond up to the first registered layer: they may skip those blocks (shared_prefix.py).
         points = adapter.prefix_points(model.get_model_object("diffusion_model"))
         self.shares_prefix = points is not None
         if self.shares_prefix:
-            SharedPrefix(self.clone, self.key, points)
+            SharedPrefix(self.clone, self.key, points, "IE-Adapt guidance")
         self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
         per_run_state(self.clone, self.key, lambda *a, **kw: state._start_run())
 
     def _start_run(self):
-        # last_run: the latest run's outcome, for inspection (tests, a caller's report); sampling
-        # reads the run only through the call's options.
+        # last_run: the latest run, for inspection only; sampling reads the run through the call's options.
         self.last_run = _Run(None if self.auto else list(self.manual))
         return self.last_run
 
@@ -269,6 +263,7 @@ def _perturbed(call, element_kind, span):
             r = r.transpose(1, 2).reshape(len(rows), stop - start, -1)
         tokens[index] = r.to(out.dtype)
     return out
+
 
 def _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows, attention_map):
     if attention_map not in MAPS:

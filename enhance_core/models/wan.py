@@ -9,9 +9,25 @@ through cross-attention). A reference latent, where a variant adds one, is one m
 from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
 
 
+# Variants whose blocks read nothing sized by the batch beyond the block-replace point's arguments
+# (read in comfy/ldm/wan/ of ComfyUI 0.3.75 and 0.33): a shared prefix that runs fewer rows through
+# the block is exact there. What they add outside the blocks (VACE hints, S2V's and WanDancer's audio
+# injectors, Animate's face features) is added to the whole batch after the block, row by row. Not
+# listed, so they run the branches in full: HumoWanModel (blocks read the whole batch's audio
+# tokens), WanAnimate2Model (pose keys, values and buffers of the whole batch), CausalWanModel (no
+# block-replace points), and any variant not read yet.
+SHARED_PREFIX_EXACT = {"WanModel", "VaceWanModel", "CameraWanModel", "WanModel_S2V", "AnimateWanModel",
+                       "SCAILWanModel", "SCAIL2WanModel", "WanDancerModel"}
+
+
 class WanAdapter(FamilyAdapter):
     name = "Wan 2.1 / 2.2"
     prefix_blocks = "double_block"
+
+    def prefix_points(self, diffusion_model):
+        if type(diffusion_model).__name__ not in SHARED_PREFIX_EXACT:
+            return None
+        return super().prefix_points(diffusion_model)
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.wan.model import WanModel
