@@ -132,7 +132,7 @@ def measure(config: str, layers: int, steps: int, frames: int, height: int, widt
     """One measurement in this process: build the model through ComfyUI's loader, sample once."""
     model = wan_bench_model(layers)
     import torch
-    from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+    from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
     latent = {"samples": torch.zeros(1, 16, frames, height, width)}
     if config == "enhance":
         model = apply_enhance_a_video(model, weight=4.0)

@@ -29,7 +29,7 @@ import bench_entropy_guidance as setup  # noqa: E402  (sets up ComfyUI in proces
 
 import torch  # noqa: E402
 
-from freevideo.enhance_core.entropy_editing import apply_entropy_editing  # noqa: E402
+from freevideo.enhance_core.methods.entropy_editing import apply_entropy_editing  # noqa: E402
 from support.sampling import text_conditioning  # noqa: E402
 
 CFGS = (1.0, 5.0)

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
-from freevideo.enhance_core.attention_entropy import DEFAULT_ROWS, attention_entropy  # noqa: E402
-from freevideo.enhance_core.attention_hooks import add_attention_override  # noqa: E402
-from freevideo.enhance_core.entropy_guidance import PAIRS, apply_entropy_guidance  # noqa: E402
+from freevideo.enhance_core.measures.attention_entropy import DEFAULT_ROWS, attention_entropy  # noqa: E402
+from freevideo.enhance_core.patching.attention_slot import add_attention_override  # noqa: E402
+from freevideo.enhance_core.methods.entropy_guidance import PAIRS, apply_entropy_guidance  # noqa: E402
 from support import tiny_models  # noqa: E402
 from support.sampling import text_conditioning  # noqa: E402
 

@@ -26,7 +26,7 @@ CONFIGS = {"plain": None, "attention input": "attention input", "block input": "
 def measure(config: str, layers: int, steps: int, frames: int, height: int, width: int, gate: str) -> dict:
     model = wan_bench_model(layers)
     import torch
-    from freevideo.enhance_core.feature_accumulation import apply_feature_accumulation
+    from freevideo.enhance_core.methods.feature_accumulation import apply_feature_accumulation
     if CONFIGS[config] is not None:
         model = apply_feature_accumulation(model, gate, 6, CONFIGS[config])
     return timed_sampling(config, model, {"samples": torch.zeros(1, 16, frames, height, width)}, steps)
@@ -44,7 +44,7 @@ def accumulation_cost(tokens: int, repeats: int = 5) -> float:
     import time
     import torch
     import comfy.model_management
-    from freevideo.enhance_core.feature_accumulation import GroupAccumulator
+    from freevideo.enhance_core.methods.feature_accumulation import GroupAccumulator
     device = comfy.model_management.get_torch_device()  # where the sampled model runs (a GPU in the run book)
     dtype = comfy.model_management.unet_dtype()
     g = torch.Generator().manual_seed(0)

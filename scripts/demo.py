@@ -143,7 +143,7 @@ def methods(classes: dict) -> list[tuple[str, str, str, object]]:
                     patched_sampler(node, 1.0, "uniform", "identity", "auto", 1, 0, 0.0, 1.0, "video tokens")))
     if "FreeVideoFeatureAccumulation" in classes:
         node = classes["FreeVideoFeatureAccumulation"]
-        from freevideo.enhance_core.feature_accumulation import DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES
+        from freevideo.enhance_core.methods.feature_accumulation import DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES
         out.append(("feature_accumulation", "Feature Accumulation (RepVideo)",
                     f"gate {DEFAULT_GATE}, groups of {DEFAULT_GROUP_SIZE}, {MODES[0]} (defaults)",
                     patched_sampler(node, DEFAULT_GATE, DEFAULT_GROUP_SIZE, MODES[0], "all", 0.0, 1.0)))

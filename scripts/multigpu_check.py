@@ -20,8 +20,8 @@ if torch.cuda.device_count() < 2:
 in_process.setup(cpu=False)
 
 from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode  # noqa: E402
-from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video  # noqa: E402
-from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance  # noqa: E402
+from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video  # noqa: E402
+from freevideo.enhance_core.methods.entropy_guidance import apply_entropy_guidance  # noqa: E402
 from support import tiny_models  # noqa: E402
 from support.sampling import ksample, text_conditioning, video_latent  # noqa: E402
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from freevideo.enhance_core import attention_entropy as ae
+from freevideo.enhance_core.measures import attention_entropy as ae
 from support.reference import naive_entropy
 
 

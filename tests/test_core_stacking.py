@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import comfy.patcher_extension
 import folder_paths
 import nodes
-from freevideo.enhance_core import enhance_a_video as enhance_a_video_module
-from freevideo.enhance_core.attention_inspector import inspect_attention
+from freevideo.enhance_core.methods import enhance_a_video as enhance_a_video_module
+from freevideo.enhance_core.methods.attention_inspector import inspect_attention
 from freevideo.nodes.enhance_a_video import EnhanceAVideo
 from freevideo.nodes.entropy_guidance import EntropyGuidance
 from support import tiny_models

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from freevideo.enhance_core.cross_frame_intensity import enhance_scale
+from freevideo.enhance_core.measures.cross_frame_intensity import enhance_scale
 from support.reference import naive_scale
 
 

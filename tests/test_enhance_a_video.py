@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
 from support.sampling import force_unbatched, ksample, text_conditioning, video_latent
 
 
@@ -56,7 +56,7 @@ def test_bad_layer_list(wan21, layers, message):
 def test_scale_inside_the_model_equals_the_official_formula(wan21):
     """Layer 1 of a real sampling step: its self-attention output (after the projection) equals the
     projected kernel output times the naive official scale, per batch element (cond and uncond)."""
-    from freevideo.enhance_core.attention_hooks import add_attention_override
+    from freevideo.enhance_core.patching.attention_slot import add_attention_override
     from support.reference import naive_scale
 
     recorder = wan21.clone()
@@ -90,7 +90,7 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
 
 
 def test_result_does_not_depend_on_cond_uncond_batching(wan21, monkeypatch):
-    from freevideo.enhance_core.attention_hooks import add_attention_override
+    from freevideo.enhance_core.patching.attention_slot import add_attention_override
     recorder = wan21.clone()
     batch_sizes = []
 

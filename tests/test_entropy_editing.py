@@ -6,8 +6,8 @@ import comfy.patcher_extension
 import pytest
 import torch
 
-from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
-from freevideo.enhance_core.entropy_editing import EntropyEditing, apply_entropy_editing
+from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
+from freevideo.enhance_core.methods.entropy_editing import EntropyEditing, apply_entropy_editing
 from freevideo.enhance_core.models import adapter_for
 from support.families import FAMILIES, FRAMES, conditioning, load
 from support.sampling import ksample, text_conditioning, video_latent
@@ -48,15 +48,15 @@ def _naive_entropy(q, k):
 def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
     calls = []
 
-    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
+    def record(call):
         # Installed after the editing: outermost, it sees the q and k the editing receives.
-        calls.append((layer, list(kwargs["transformer_options"]["cond_or_uncond"]), q.clone(), k.clone(), heads))
-        return call_next(q, k, v, heads, **kwargs)
+        calls.append((call.layer, list(call.options["cond_or_uncond"]), call.q.clone(), call.k.clone(), call.heads))
+        return call.run()
     inner = []
 
-    def record_inner(layer, layout, call_next, q, k, v, heads, **kwargs):
-        inner.append((layer, list(kwargs["transformer_options"]["cond_or_uncond"]), q.clone(), k.clone()))
-        return call_next(q, k, v, heads, **kwargs)
+    def record_inner(call):
+        inner.append((call.layer, list(call.options["cond_or_uncond"]), call.q.clone(), call.k.clone()))
+        return call.run()
     # A recorder inside the editing needs to be installed before it: on a fresh clone, then edit it.
     base = wan21.clone()
     SelfAttentionLayers(base, adapter_for(base), "test_inner", "test").route(range(4), record_inner)
@@ -78,9 +78,9 @@ def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
         rows = element(call, 2)  # the source's conditional element
         entropies[layer] = _naive_entropy(q[rows].view(1, q.shape[1], heads, -1), k[rows].view(1, k.shape[1], heads, -1))
     expected = sorted(sorted(entropies, key=entropies.get)[:2])
-    assert sorted(editing.entropies) == [0, 1, 2, 3]
+    assert sorted(editing.last_run.entropies) == [0, 1, 2, 3]
     for layer, e in entropies.items():
-        assert editing.entropies[layer] == pytest.approx(e, abs=1e-4)
+        assert editing.last_run.entropies[layer] == pytest.approx(e, abs=1e-4)
     # Second forward: target cond/uncond (0, 1) with source cond/uncond (2, 3) in one batch.
     joint_outer = [c for c in calls if sorted(c[1]) == [0, 1, 2, 3]]
     joint_inner = [c for c in inner if sorted(c[1]) == [0, 1, 2, 3]]
@@ -97,7 +97,8 @@ def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
             assert torch.equal(q_in[e(s)], q[e(s)])
     # The replacement is visible: past the first block the target's own q differs from the source's.
     assert any(not torch.equal(c[2][element(c, 0)], c[2][element(c, 2)]) for c in joint_outer)
-    assert editing.run is None  # nothing of the run survives it
+    # Nothing of the run survives it: the run's holder is gone from the model's options.
+    assert not any(key.endswith("/run") for key in model.model_options.get("transformer_options", {}))
 
 
 def _rel(a, b):
@@ -151,12 +152,12 @@ def test_every_family_edits(fam):
 
 
 def test_inspector_names_the_layers_editing_chooses(wan21):
-    from freevideo.enhance_core.attention_inspector import inspect_attention
+    from freevideo.enhance_core.methods.attention_inspector import inspect_attention
     editing = EntropyEditing(wan21, SOURCE, ratio=0.5)
     sample(editing.clone, steps=1)
     sigma = float(wan21.get_model_object("model_sampling").sigma_max)
     report = inspect_attention(wan21, video_latent(frames=5), SOURCE, sigma)
-    chosen = sorted(sorted(editing.entropies, key=editing.entropies.get)[:2])
+    chosen = sorted(sorted(editing.last_run.entropies, key=editing.last_run.entropies.get)[:2])
     assert report.lowest(0.5) == chosen
     assert f"replaces layers: {', '.join(map(str, chosen))}" in report.table()
 

@@ -8,16 +8,17 @@ from einops import rearrange
 
 import comfy.sample
 import comfy.samplers
-from freevideo.enhance_core.attention_hooks import SelfAttentionLayers, add_attention_override
-from freevideo.enhance_core.attention_inspector import inspect_attention, render_chart
-from freevideo.enhance_core.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance, map_span
+from freevideo.enhance_core.patching.attention_slot import add_attention_override
+from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
+from freevideo.enhance_core.methods.attention_inspector import inspect_attention, render_chart
+from freevideo.enhance_core.methods.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance
 from freevideo.enhance_core.models import adapter_for
 from support.families import FAMILIES, FRAMES, conditioning, load
 from support.reference import naive_entropy
 from support.sampling import force_unbatched, ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
-LOG = "freevideo.enhance_core.entropy_guidance"
+LOG = "freevideo.enhance_core.methods.entropy_guidance"
 
 
 def first_denoised(model, cfg=4.0, steps=1, seed=0, positive=POS, negative=NEG):
@@ -34,7 +35,8 @@ def perturbed(model, layers, kind):
     """An independent identity / uniform replacement (Wan's kernel layout: [B, L, H*D])."""
     m = model.clone()
 
-    def replace(layer, layout, call_next, q, k, v, heads, **kwargs):
+    def replace(call):
+        v = call.v
         return v.clone() if kind == "identity" else v.mean(dim=1, keepdim=True).expand_as(v).clone()
     SelfAttentionLayers(m, adapter_for(m), "test_perturbation", "test perturbation").route(layers, replace)
     return m
@@ -97,7 +99,7 @@ def naive_uniform(v, n_queries, mask=None):
 
 
 def test_uniform_branch_is_the_masked_mean_of_v():
-    from freevideo.enhance_core.entropy_guidance import replaced_attention
+    from freevideo.enhance_core.methods.entropy_guidance import replaced_attention
     g = torch.Generator().manual_seed(4)
     v = torch.randn(2, 2, 6, 3, generator=g)
     keep = torch.rand(2, 5, 6, generator=g) > 0.4
@@ -156,7 +158,7 @@ def test_guided_prediction_equals_the_formula(wan21, pair, layers, cfg):
     lam = 1.5
     g = EntropyGuidance(wan21, lam, *pair, layers=layers)
     guided = first_denoised(g.clone, cfg=cfg)
-    registered = g.registered
+    registered = g.last_run.registered
     assert registered == ([int(x) for x in layers.split(",")] if layers != "auto" else registered) and len(registered) >= 1
     e = {"original": first_denoised(wan21, cfg=1.0)}
     e_u = first_denoised(wan21, cfg=1.0, positive=NEG)
@@ -173,22 +175,22 @@ def test_registry_picks_the_high_entropy_layer(wan21, target, caplog):
     caplog.set_level(logging.INFO, logger=LOG)
     g = EntropyGuidance(high_entropy_at(wan21, target), 1.0, top_k=1)
     ksample(g.clone, video_latent(), POS, NEG, steps=1, cfg=4.0)
-    assert g.registered == [target]
-    assert g.entropies[target] > 0.99 and all(v < 0.97 for layer, v in g.entropies.items() if layer != target)
-    assert f"layer(s) {target} ({g.entropies[target]:.3f}) [top 1 of 4 by entropy]" in caplog.text
+    assert g.last_run.registered == [target]
+    assert g.last_run.entropies[target] > 0.99 and all(v < 0.97 for layer, v in g.last_run.entropies.items() if layer != target)
+    assert f"layer(s) {target} ({g.last_run.entropies[target]:.3f}) [top 1 of 4 by entropy]" in caplog.text
     # The inspector shows the same choice, at the first step's sigma, with the same noise.
     report = inspect_attention(high_entropy_at(wan21, target), video_latent(), POS, sigma=1.0, seed=0)
     assert report.top == [target]
-    assert report.entropy[target] == pytest.approx(g.entropies[target], abs=1e-3)
+    assert report.entropy[target] == pytest.approx(g.last_run.entropies[target], abs=1e-3)
 
 
 def test_registry_is_redone_each_sampling_run(wan21):
     g = EntropyGuidance(wan21, 1.0, top_k=2)
     ksample(g.clone, video_latent(), POS, NEG, steps=1)
-    g.registered = [0]  # stale state from a previous run must not survive the next one
-    first = dict(g.entropies)
+    g.last_run.registered = [0]  # stale state from a previous run must not survive the next one
+    first = dict(g.last_run.entropies)
     ksample(g.clone, video_latent(), POS, NEG, steps=1)
-    assert len(g.registered) == 2 and g.entropies == first
+    assert len(g.last_run.registered) == 2 and g.last_run.entropies == first
 
 
 def test_batched_and_unbatched_branches_give_the_same_result(wan21, monkeypatch):
@@ -333,14 +335,15 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     guided = g.clone.clone()
     calls = []
 
-    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
-        out = call_next(q, k, v, heads, **kwargs)
+    def record(call):
+        q, v, heads, kwargs = call.q, call.v, call.heads, call.kwargs
+        out = call.run()
         groups = kwargs["transformer_options"].get("cond_or_uncond") or []
         if 3 in groups:
             per = q.shape[0] // len(groups)
             seq = -2 if kwargs.get("skip_output_reshape") else 1
             seq_len = out.shape[seq]
-            start, stop = map_span(attention_map, layout, seq_len) or (0, seq_len)
+            start, stop = call.map_span(attention_map) or (0, seq_len)
             part = lambda t, c, a=start, b=stop: t[groups.index(c) * per:(groups.index(c) + 1) * per].narrow(seq, a, b - a)  # noqa: E731
             replaced = (torch.equal(part(out, 3), part(_as_output_layout(v, heads, kwargs), 3)),
                         bool((part(out, 2) - part(out, 2).narrow(seq, 0, 1)).abs().max() < 1e-5))
@@ -356,11 +359,11 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
     out = ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0)
     assert torch.isfinite(out).all()
-    assert len(g.registered) == 1 and calls.count((True, True)) == 1 and all(c == (False, False) for c in calls if c != (True, True))
+    assert len(g.last_run.registered) == 1 and calls.count((True, True)) == 1 and all(c == (False, False) for c in calls if c != (True, True))
     first_sigma = float(model.get_model_object("model_sampling").sigma_max)
     report = inspect_attention(model, latent, conditioning(fam, 1), first_sigma, seed=0, attention_map=attention_map)
-    assert report.top == g.registered
-    assert report.entropy == pytest.approx([g.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
+    assert report.top == g.last_run.registered
+    assert report.entropy == pytest.approx([g.last_run.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
 
 
 @pytest.mark.families
@@ -391,9 +394,9 @@ def shared_and_full(model, layers: str, sample, monkeypatch):
     n = len(adapter_for(model).sites(model.get_model_object("diffusion_model")))
     sizes = []
 
-    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
-        sizes.append((layer, q.shape[0]))
-        return call_next(q, k, v, heads, **kwargs)
+    def record(call):
+        sizes.append((call.layer, call.batch))
+        return call.run()
 
     def run():
         m = apply_entropy_guidance(model, 2.0, layers=layers).clone()
@@ -460,7 +463,7 @@ def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
     ksample(model, video_latent(), POS, NEG, steps=1, cfg=4.0)
     assert sorted(calls[0]["groups"]) == [0, 1]
     for layer, e in naive_per_layer(calls).items():
-        assert g.entropies[layer] == pytest.approx(e, abs=1e-4), layer
+        assert g.last_run.entropies[layer] == pytest.approx(e, abs=1e-4), layer
     inspected, calls = recorder(wan21)
     report = inspect_attention(inspected, video_latent(), POS, sigma=0.7, seed=3)
     for layer, e in naive_per_layer(calls).items():

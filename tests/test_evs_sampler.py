@@ -18,8 +18,8 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
-from freevideo.enhance_core.attention_hooks import add_attention_override
-from freevideo.enhance_core.evs_sampler import Stage, evs_sample
+from freevideo.enhance_core.patching.attention_slot import add_attention_override
+from freevideo.enhance_core.methods.evs.sampler import Stage, evs_sample
 from support import tiny_image_models as T
 from support import tiny_models
 from support.sampling import text_conditioning
@@ -192,7 +192,7 @@ def test_handover_latents_are_x0_predictions_renoised_with_each_models_scaling(p
 
 
 def test_pixel_bridge_round_trips_a_temporally_compressed_video(qwen, sd15, wan21, vaes):
-    from freevideo.enhance_core.latent_bridge import make_bridge
+    from freevideo.enhance_core.methods.evs.latent_bridge import make_bridge
     latent = wan_video(batch=2, frames=2)["samples"]  # 2 videos x 2 latent frames = 2 x 5 pixel frames
     for image_model, image_vae, shape in [(qwen, vaes["qwen"], (10, 16, 1, 2, 2)), (sd15, vaes["taesd"], (10, 4, 2, 2))]:
         bridge = make_bridge(image_model, wan21, latent, image_vae, vaes["wan"])
@@ -211,7 +211,7 @@ def test_pixel_bridge_round_trips_a_temporally_compressed_video(qwen, sd15, wan2
 
 
 def test_direct_bridge_passes_latents_unchanged(sd15):
-    from freevideo.enhance_core.latent_bridge import make_bridge
+    from freevideo.enhance_core.methods.evs.latent_bridge import make_bridge
     latent = sd15_video()["samples"]
     bridge = make_bridge(sd15, sd15, latent)
     assert bridge.kind == "direct" and bridge.to_image(latent) is latent and bridge.to_video(latent) is latent
@@ -330,7 +330,7 @@ def gaussian_denoiser(model):
 def inversion_round_trip(model, x0, positive, scheduler, steps):
     """EVS's inversion (conditional prediction, no CFG) from the clean end to the top of a `steps`-step
     schedule, then ComfyUI's Euler sampler back down the same levels, in one sampling run."""
-    from freevideo.enhance_core.evs_sampler import _guider, _program_sampler
+    from freevideo.enhance_core.methods.evs.sampler import _guider, _program_sampler
     down = sigmas(model, scheduler, steps)
     guider = _guider(Stage(model, positive, positive, 1.0, "euler", scheduler, steps))
     program = _program_sampler([("invert", 0, steps), ("sample", steps, 2 * steps)], comfy.samplers.sampler_object("euler"), guider)

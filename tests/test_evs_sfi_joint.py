@@ -5,17 +5,13 @@ both the conditional and the unconditional element, and each element's own text 
 import pytest
 import torch
 
-from freevideo.enhance_core.attention_hooks import SelfAttentionLayers
-from freevideo.enhance_core.evs_sampler import SFI_SETTINGS, SelectiveFeatureInjection, sfi_layers_and_gamma
+from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
+from freevideo.enhance_core.methods.evs.sampler import SFI_SETTINGS, SelectiveFeatureInjection, sfi_layers_and_gamma
 from freevideo.enhance_core.models import adapter_for
 from support.families import FAMILIES, FRAMES, conditioning, load
 from support.sampling import ksample
 
 GAMMA = 0.7
-
-
-def _video_axis(kwargs):
-    return 2 if kwargs.get("skip_reshape") else 1
 
 
 @pytest.mark.families
@@ -25,12 +21,10 @@ def test_injects_video_tokens_and_keeps_each_branchs_text(fam):
     clone = model.clone()
     seen = []
 
-    def record(layer, layout, call_next, q, k, v, heads, **kwargs):
-        axis = _video_axis(kwargs)
-        span = layout.video_span(q.shape[axis])
-        seen.append(dict(q=q.clone(), k=k.clone(), v=v.clone(), axis=axis, groups=list(kwargs["transformer_options"]["cond_or_uncond"]),
-                         video=(span[0], span[0] + span[1] * layout.tokens_per_frame)))
-        return call_next(q, k, v, heads, **kwargs)
+    def record(call):
+        seen.append(dict(q=call.q.clone(), k=call.k.clone(), v=call.v.clone(), axis=call.token_axis,
+                         groups=list(call.options["cond_or_uncond"]), video=(call.video.start, call.video.stop)))
+        return call.run()
     # Inside the injection (registered first): it sees what the kernel gets.
     SelfAttentionLayers(clone, adapter_for(clone), "test_recorder", "test recorder").route([0], record)
     sfi = SelectiveFeatureInjection(clone, "0", GAMMA)

@@ -13,8 +13,8 @@ CogVideoX and Kandinsky 5 exist only in newer ComfyUI: their tests skip on a Com
 import pytest
 import torch
 
-from freevideo.enhance_core.attention_hooks import add_attention_override
-from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
+from freevideo.enhance_core.patching.attention_slot import add_attention_override
+from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.models import adapter_for
 from support import tiny_models
 from support.families import BY_ID, FAMILIES, FRAMES, TEXT_TOKENS, load, plain, sample

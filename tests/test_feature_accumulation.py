@@ -13,10 +13,10 @@ import inspect
 import pytest
 import torch
 
-from freevideo.enhance_core.attention_hooks import add_attention_override
-from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
-from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
-from freevideo.enhance_core.feature_accumulation import (GroupAccumulator, apply_feature_accumulation, parse_gates,
+from freevideo.enhance_core.patching.attention_slot import add_attention_override
+from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
+from freevideo.enhance_core.methods.entropy_guidance import apply_entropy_guidance
+from freevideo.enhance_core.methods.feature_accumulation import (GroupAccumulator, apply_feature_accumulation, parse_gates,
                                                           plan)
 from freevideo.enhance_core.models import adapter_for
 from support import tiny_models
@@ -401,7 +401,7 @@ def test_stacks_with_enhance_a_video_and_entropy_guidance(wan21):
 
 
 def test_nothing_survives_the_model_call(wan21):
-    from freevideo.enhance_core.feature_accumulation import FeatureAccumulation
+    from freevideo.enhance_core.methods.feature_accumulation import FeatureAccumulation
     fa = FeatureAccumulation(wan21, "0.5", 2)
     sample(fa.clone, steps=1)
     assert fa.call.acc is None and fa.call.layout is None and fa.call.pending is None and not fa.call.active

@@ -9,11 +9,12 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-from freevideo.enhance_core.attention_hooks import OVERRIDE_KEY, add_attention_override, hooked_copy
-from freevideo.enhance_core.attention_inspector import inspect_attention
-from freevideo.enhance_core.enhance_a_video import apply_enhance_a_video
-from freevideo.enhance_core.entropy_guidance import apply_entropy_guidance
-from freevideo.enhance_core.evs_sampler import SelectiveFeatureInjection
+from freevideo.enhance_core.patching.attention_slot import OVERRIDE_KEY, add_attention_override
+from freevideo.enhance_core.patching.module_hooks import hooked_copy
+from freevideo.enhance_core.methods.attention_inspector import inspect_attention
+from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
+from freevideo.enhance_core.methods.entropy_guidance import apply_entropy_guidance
+from freevideo.enhance_core.methods.evs.sampler import SelectiveFeatureInjection
 from support.deep_clones import (concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, forget_released_patchers,
                                  fresh_wan, needs_deep_clones)
 from support.sampling import ksample, text_conditioning, video_latent

@@ -425,7 +425,7 @@ def _saturated(shape, dtype, factor, seed):
 @pytest.mark.parametrize("factor", SATURATION)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cross_frame_intensity_stays_finite_when_softmax_saturates(dtype, factor):
-    from freevideo.enhance_core.cross_frame_intensity import enhance_scale, temporal_off_diagonal_mean
+    from freevideo.enhance_core.measures.cross_frame_intensity import enhance_scale, temporal_off_diagonal_mean
     frames, s, h, d = 5, 12, 2, 64
     q = _saturated((2, frames * s, h, d), dtype, factor, 1)
     k = _saturated((2, frames * s, h, d), dtype, factor, 2)
@@ -439,7 +439,7 @@ def test_cross_frame_intensity_stays_finite_when_softmax_saturates(dtype, factor
 @pytest.mark.parametrize("factor", SATURATION)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_attention_entropy_stays_finite_when_softmax_saturates(dtype, factor):
-    from freevideo.enhance_core.attention_entropy import attention_entropy, row_entropy_chunked
+    from freevideo.enhance_core.measures.attention_entropy import attention_entropy, row_entropy_chunked
     q = _saturated((2, 2, 48, 64), dtype, factor, 3)
     k = _saturated((2, 2, 48, 64), dtype, factor, 4)
     want = _naive_entropy(q, k)
@@ -458,7 +458,7 @@ def test_attention_entropy_stays_finite_when_softmax_saturates(dtype, factor):
 def test_guidance_maps_stay_finite_at_the_dtype_limits(dtype):
     """U's mean over the keys of values at float16's limit (a float16 sum would overflow) and a
     masked U with a fully saturating additive mask."""
-    from freevideo.enhance_core.entropy_guidance import replaced_attention
+    from freevideo.enhance_core.methods.entropy_guidance import replaced_attention
     v = torch.full((1, 2, 64, 8), FP16_MAX, dtype=dtype)
     v[..., 1] = -FP16_MAX
     big = v[0, 0, 0, 0]
