@@ -20,7 +20,10 @@ class SelectiveFeatureInjection:
 
     Features are matched by noise level: a denoising call uses those the inversion recorded at the
     nearest level (the same level for first-order samplers). Only the levels the block evaluates are
-    kept. Memory: layers x n_V x 3 tensors of one conditional batch of video tokens.
+    kept. With context windows (the model sees a few frames at a time) they are matched by window
+    too: the inversion runs window by window with the same schedule, and each window gets its own
+    frames' features; a window the inversion did not see is not injected, with a warning. Memory:
+    layers x n_V x windows x 3 tensors of one conditional batch of a window's video tokens.
     """
 
     def __init__(self, clone, layers: str, gamma: float):
@@ -65,13 +68,19 @@ class SelectiveFeatureInjection:
             self._warn("layout", "EVS SFI: self-attention layer %d has no whole video in this kernel call; not injected there", call.layer)
             return call.run()
         axis, start, length = call.token_axis, video.start, video.stop - video.start
+        window = _window(call.options)
         if self.mode == "record":
             level = self._level(exact=True)
             if level is not None:
-                self.store[(level, call.layer)] = tuple(t.narrow(axis, start, length).detach().clone() for t in (call.q, call.k, call.v))
+                self.store[(level, call.layer, window)] = tuple(t.narrow(axis, start, length).detach().clone()
+                                                                for t in (call.q, call.k, call.v))
             return call.run()
-        saved = self.store.get((self._level(exact=False), call.layer))
+        level = self._level(exact=False)
+        saved = self.store.get((level, call.layer, window))
         if saved is None:
+            if any(key[:2] == (level, call.layer) for key in self.store):
+                self._warn("window", "EVS SFI: the inversion recorded no features for the frames of this context window "
+                           "(%s); layer %d is not injected there", _describe(window), call.layer)
             return call.run()
         q_inv, k_inv, v_inv = saved
         video_q = call.q.narrow(axis, start, length)
@@ -87,3 +96,19 @@ class SelectiveFeatureInjection:
         k.narrow(axis, start, length).copy_(tile(k_inv))
         v.narrow(axis, start, length).copy_(tile(v_inv))
         return call.run(q, k, v)
+
+
+def _window(transformer_options: dict):
+    """The context window of a model call (ComfyUI's context-windows node), as the frames it sees: the
+    window's frame indices and, in newer ComfyUI, the anchor frame it prepends; None without one."""
+    window = transformer_options.get("context_window")
+    if window is None:
+        return None
+    return getattr(window, "causal_anchor_index", None), tuple(window.index_list)
+
+
+def _describe(window) -> str:
+    if window is None:
+        return "the whole clip"
+    anchor, frames = window
+    return f"frames {list(frames)}" + (f" with anchor frame {anchor}" if anchor is not None and anchor >= 0 else "")
