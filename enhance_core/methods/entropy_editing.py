@@ -1,41 +1,46 @@
 """IE-Adapt video editing (Understanding Attention Mechanism in Video Diffusion Models, sec. 4.2) on a
-clone of a ComfyUI video model.
+clone of a ComfyUI video model (docs/nodes/entropy_editing.md is the user's account).
 
-The target video is sampled with the sampler's own prompt. A source branch (branch_runner.py) runs in
-the same forward, at the same noise level, with the source prompt. At the first active step the
-source's self-attention entropy of every layer is measured (exact; video tokens only where text is
-in self-attention) and the layers in the lowest `ratio` are chosen: low-entropy maps hold the
-structure, high-entropy ones the look (paper). In the chosen layers the target's attention map is
-the source's: for a DiT the map is softmax(q k^T / sqrt(d)), so the target uses the source's q and k
-with its own v, element by element (target cond with the source's cond, uncond with uncond).
+The target is sampled with the sampler's prompt; a source branch (sampling/branches.py) runs the
+source prompt at the same noise level. At the first step in the window the source's self-attention
+entropy of every layer is measured and the lowest `ratio` chosen (low entropy holds the structure).
+There the target's map is the source's, softmax(q k^T / sqrt(d)): target rows take the source's q
+and k with their own v (cond with cond, uncond with uncond, entry with entry). In joint attention
+(text in self-attention) the video queries take the source's keys over video and text, and the text
+queries keep their own map (patching/map_transplant.py).
 
-Source trajectory, one latent per noise level and nothing per layer (q and k of every layer and step
-would take about 150 GB for Wan 1.3B at 81 frames):
-- no source latent: the source is generated from the sampler's own noise, advanced by Euler steps on
-  the sampler's schedule with the sampler's CFG: with the euler sampler, exactly the trajectory the
-  sampler takes with the source prompt;
-- a source latent (a real video): DDIM-inverted with the source prompt (the EVS sampler's inversion
-  step) up the run's schedule before the first step; the inverted latents are the trajectory, and
-  the target starts from the last of them instead of the sampler's noise (paper: editing a real
-  video starts from its inversion).
+ComfyUI decides the forwards: a source it cannot batch with its target (another text shape) runs
+first; a forward that runs a source without its targets stores their q and k for the step
+(sampling/row_pairs.py); a target that still ran before its source is evaluated again.
+
+The source's trajectory, one latent per level (sampling/trajectory.py): generated from the sampler's
+noise by Euler steps with plain CFG (exact for euler without CFG modifiers), from the run's first
+step even before the window opens; or a real video's DDIM inversion, whose top latent replaces the
+sampler's start only in a run at the top of the schedule. A stage that ends with leftover noise
+hands the source on to the sampler that continues its latent (sampling/stage_handover.py).
 """
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 
 import comfy.patcher_extension
 import comfy.sampler_helpers
-import comfy.utils
 
 from ..measures.attention_entropy import call_entropy
 from ..models import adapter_for
 from ..patching.layer_routing import SelfAttentionLayers
+from ..patching.map_transplant import own_attention_rows, take_map, text_tokens
 from ..patching.run_state import RunState, per_run_state, run_state
 from ..patching.sigma_window import SigmaWindow
 from ..sampling.branches import Branch, BranchRunner, batch_plan
-from ..sampling.ddim import ddim_inversion_step
 from ..sampling.entropy_registry import LayerSums, lowest
+from ..sampling.row_pairs import CondPairs
+from ..sampling.stage_handover import StageHandover
+from ..sampling.step_store import StepStore
+from ..sampling.trajectory import euler_cfg_step, invert_up, noise_for_start, starts_at_top
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,24 @@ class _Run(RunState):
         self.layers = None  # chosen at the first active step
         self.entropies = {}
         self.sums = LayerSums()
-        self.split_warned = False
+        self.store = StepStore()  # the source's q and k for targets in another forward of the step
+        self.missed = set()  # target conds a forward of this step could not edit (their source had not run)
+        self.replays = 0  # steps whose missed targets were evaluated again
+        self.warned = set()  # what the log said once in this run
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the attention handler needs for one step's evaluations."""
+    edit: bool  # inside the window, the layers chosen
+    pairs: CondPairs  # target cond (0, 1) -> its source branch, entry by entry
+    replay: bool = False  # the missed targets, evaluated again with their source's q and k stored
+
+
+_PARTLY = {"video tokens": "the prompts differ in token count: in joint attention the video rows take the source's video "
+                           "q and k only and still attend to the target's own text keys",
+           "": "source and target attention of different shapes (an area or a mask on a cond): not edited"}
+_HANDOVER = StageHandover()  # shared by every editing node: Wan 2.2's two experts have one each
 
 
 class EntropyEditing:
@@ -66,13 +88,11 @@ class EntropyEditing:
         adapter = adapter_for(model)
         self.n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
         self.window = SigmaWindow(model, start_percent, end_percent)
-        if source_latent is not None:
-            samples = source_latent["samples"]
-            if samples.ndim != 5:
-                raise ValueError(f"source_latent: a {samples.ndim}-D latent; connect the source video's latent "
-                                 "(VAE Encode of the video, [B, C, T, H, W])")
         self.source = source_positive
         self.source_latent = None if source_latent is None else source_latent["samples"]
+        if self.source_latent is not None and self.source_latent.ndim != 5:
+            raise ValueError(f"source_latent: a {self.source_latent.ndim}-D latent; connect the source video's latent "
+                             "(VAE Encode of the video, [B, C, T, H, W])")
         self.ratio = float(ratio)
         self.clone = model.clone()
         self.window.follow(self.clone)
@@ -94,110 +114,131 @@ class EntropyEditing:
                                             lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
 
     def _start_run(self, guider, sigmas):
-        # last_run: the latest run's outcome, for inspection (tests, a caller's report); sampling
-        # reads the run only through the call's options.
+        # last_run: the latest run, for inspection; sampling reads the run through the call's options.
         self.last_run = _Run(guider, sigmas.detach().float().cpu())
         return self.last_run
 
-    # sampling run -------------------------------------------------------------------------------
     def _new_run(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.source_latent is not None and self.source_latent.shape[1:] != noise.shape[1:]:
             raise ValueError(f"source_latent: shape {tuple(self.source_latent.shape)} does not match the sampled latent "
                              f"{tuple(noise.shape)}; encode the source video at the size you sample")
         guider = executor.class_obj
+        run = run_state(guider.model_options, self.key)
+        if run is not None and self.source_latent is None:
+            self._continue_stage(run, guider, noise, latent_image, sigmas)
         # Processed with the run's other conds (the model's own conditioning, areas, devices).
         guider.conds[SOURCE_CONDS] = [c.copy() for c in comfy.sampler_helpers.convert_cond(self.source)]
         try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             guider.conds.pop(SOURCE_CONDS, None)
+        if run is not None and self.source_latent is None:  # the source handed on to a next stage, if any
+            _HANDOVER.record(out, sigmas, run.levels, (self.key, run.layers, run.entropies))
+        return out
+
+    def _continue_stage(self, run, guider, noise, latent_image, sigmas):
+        """A generated source in a later stage continues its trajectory from the stage that
+        returned this run's latent; a run at the top of the schedule starts it afresh."""
+        if starts_at_top(guider.model_patcher.get_model_object("model_sampling"), sigmas):
+            return
+        found = _HANDOVER.find(latent_image, noise, sigmas, run.levels)
+        if found is not None and found[0] == self.key:  # the same node: the one run's layer choice holds
+            run.layers, run.entropies = found[1:]
+        if found is not None:
+            log.info("IE-Adapt editing: the source continues its trajectory from the stage that ended at sigma %.4g",
+                     float(sigmas[0]))
+        else:
+            log.warning("IE-Adapt editing: this run starts at sigma %.4g, below the top of the schedule, from a latent "
+                        "no edited stage returned (or with noise added): the source starts from the target's latent "
+                        "here, not from its own trajectory", float(sigmas[0]))
 
     def _calc_cond_batch(self, args):
         conds, sigma = args["conds"], args["sigma"]
         run = run_state(args["model_options"], self.key)
-        if run is None or conds[0] is None or not self.window.contains({"sigmas": sigma}):
+        if run is None or conds[0] is None:
             return self.runner.run(args)[0]
         level = float(sigma.max())
-        x_src = self._source_at(run, args, level)
+        inside = self.window.contains({"sigmas": sigma})
+        # A generated source advances from the run's first step, even before the window opens.
+        if not inside and not (self.source_latent is None and level > self.window.sigma_start):
+            return self.runner.run(args)[0]
+        if not run.levels and self.source_latent is None:
+            run.levels[level] = args["input"]  # the sampler's own noise: the same start
+        x_src = run.levels.get(level)
         if x_src is None:
             log.warning("IE-Adapt editing: the source has no latent at sigma %.4g (a sampler that evaluates between "
                         "schedule levels); this step is not edited", level)
             return self.runner.run(args)[0]
-        source = run.guider.conds[SOURCE_CONDS]
-        branches = [Branch(source, ("source", 0), x_src)]
+        branches = [Branch(run.guider.conds[SOURCE_CONDS], ("source", 0), x_src)]
         if len(conds) > 1 and conds[1] is not None:
             branches.append(Branch(conds[1], ("source", 1), x_src))
-        if run.layers is None:
+        n = len(conds)
+        every = list(conds) + [b.cond for b in branches]
+        step = _Step(inside, CondPairs.of(every, {b.role[1]: n + j for j, b in enumerate(branches)}))
+        if inside and run.layers is None:
             # The choice needs the source's finished pass: measure it alone first (once per run).
-            self.runner.run(args, branches, measure=True, base=False)
+            self.runner.run(args, branches, measure=True, base=False, payload=step)
             self._choose(run, level)
-        out, source_out = self.runner.run(args, branches)
+        run.store.clear()
+        run.missed.clear()
+        try:
+            # A source ComfyUI would run in a forward of its own anyway runs first: its target then finds it stored.
+            first = {n + j for j in range(len(branches))} & step.pairs.apart(every, args["input"], sigma)
+            out, source_out = self.runner.run_first(args, branches, first, payload=step)
+            if run.missed:
+                self._replay(args, run, step, out)
+        finally:
+            run.store.clear()
         self._advance(run, level, x_src, source_out)
         return out
 
-    def _source_at(self, run, args, level):
-        if not run.levels and self.source_latent is None:
-            run.levels[level] = args["input"]  # the sampler's own noise: the same start
-        return run.levels.get(level)
+    def _replay(self, args, run, step, out):
+        """Targets that ran before their source in this step (forwards ComfyUI ran at once on
+        several devices): evaluated again, alone, now that the source's q and k are stored."""
+        missed = sorted(run.missed)
+        run.replays += 1
+        self._warn(run, "replay", f"target cond(s) {missed} ran before their source: evaluated again with the "
+                   "source's stored q and k (one more forward of them in such steps)")
+        conds = [c if i in missed else None for i, c in enumerate(args["conds"])]
+        again = self.runner.run(dict(args, conds=conds), payload=dataclasses.replace(step, replay=True))[0]
+        for i in missed:
+            out[i] = again[i]
 
     def _start_at_source(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs):
-        """A real video: DDIM-invert it with the source prompt up the run's schedule, and start the
-        target where the inversion ends (the paper edits a real video from its inverted noise).
-        The sampler's first latent is noise_scaling(sigma_0, noise, latent_image), linear in the
-        noise, whatever the model's sampling: the noise that makes it the inverted latent replaces
-        the sampler's own."""
+        """A real video: DDIM-invert it with the source prompt up the run's schedule (its inverted
+        latents are the source's trajectory). A run at the top of the schedule starts the target
+        where the inversion ends (the paper edits a real video from its inverted noise); a later
+        stage continues from its input."""
         run = run_state(extra_args["model_options"], self.key)
-        if run is not None:
-            model = guider.inner_model
-            start = self._invert(run, model, extra_args["model_options"], noise, sigmas)
-            scaling = model.model_sampling.noise_scaling
-            max_denoise = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
-            offset = scaling(sigmas[0], torch.zeros_like(start), latent_image, max_denoise)
-            slope = scaling(sigmas[0], torch.ones_like(start), latent_image, max_denoise) - offset
-            if bool((slope == 0).any()):
-                log.warning("IE-Adapt editing: this model's sampling does not start from noise (%s), so the target "
-                            "cannot start from the inverted source; it starts where the sampler starts",
-                            type(model.model_sampling).__name__)
-            else:
-                noise = (start - offset) / slope
-                log.info("IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; the target "
-                         "starts from the inverted latent, not from the sampler's noise", len(run.levels), float(sigmas[0]))
-        return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
-
-    def _invert(self, run, model, options, like, sigmas):
-        """The source latent DDIM-inverted up every level of `sigmas`, into run.levels; returns the
-        latent at the first (highest) level."""
-        x = model.process_latent_in(self.source_latent.to(like)).expand_as(like).clone()
+        if run is None:
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+        model, options = guider.inner_model, extra_args["model_options"]
         source = run.guider.conds[SOURCE_CONDS]
 
         def predict(z, level):
             s = torch.full((z.shape[0],), level, device=z.device, dtype=sigmas.dtype)
             return self.runner.evaluate(model, [source], z, s, options)[0]
-        levels = [float(s) for s in sigmas.flip(0) if float(s) > 0]
-        progress = comfy.utils.ProgressBar(len(levels))
-        previous = 0.0
-        for level in levels:
-            x, _ = ddim_inversion_step(predict, x, previous, level, model.model_sampling)
-            run.levels[level] = x
-            previous = level
-            progress.update(1)
-        return x
+        x = model.process_latent_in(self.source_latent.to(noise)).expand_as(noise).clone()
+        start = invert_up(predict, x, sigmas, model.model_sampling, run.levels)
+        top = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
+        replaced = noise_for_start(model.model_sampling, sigmas[0], start, latent_image, top) if top else None
+        noise = noise if replaced is None else replaced
+        log.log(logging.WARNING if top and replaced is None else logging.INFO,
+                "IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; %s", len(run.levels),
+                float(sigmas[0]), "the target starts from the inverted latent, not from the sampler's noise" if replaced
+                is not None else "the run starts below the top of the schedule: the target continues from its input"
+                if not top else f"this model's sampling ({type(model.model_sampling).__name__}) does not start from "
+                "noise: the target starts where the sampler starts, not from the inverted source")
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
 
     def _advance(self, run, level, x_src, source_out):
-        """The source's next latent on the schedule: an Euler step with the source's CFG prediction
-        (ComfyUI's cfg and euler formulas, so equal prompts follow the sampler exactly)."""
-        if self.source_latent is not None:
-            return
+        """The source's next latent on the schedule (a generated source): an Euler step with plain
+        CFG, so equal prompts follow the euler sampler exactly."""
         index = [i for i, s in enumerate(run.sigmas.tolist()) if s == level]
-        if not index or index[0] + 1 >= len(run.sigmas):
-            return
-        nxt = run.sigmas[index[0] + 1].to(x_src)
-        cond = source_out[0]
-        denoised = cond if len(source_out) == 1 else source_out[1] + (cond - source_out[1]) * run.guider.cfg
-        sigma = run.sigmas[index[0]].to(x_src)
-        run.levels[float(run.sigmas[index[0] + 1])] = x_src + (x_src - denoised) / sigma * (nxt - sigma)
+        if self.source_latent is None and index and index[0] + 1 < len(run.sigmas):
+            sigma, nxt = run.sigmas[index[0]:index[0] + 2].to(x_src)
+            run.levels[float(run.sigmas[index[0] + 1])] = euler_cfg_step(x_src, source_out, run.guider.cfg, sigma, nxt)
 
-    # registry -----------------------------------------------------------------------------------
     def _choose(self, run, level):
         run.entropies = run.sums.take_means()
         run.layers = lowest(run.entropies, self.ratio)
@@ -206,38 +247,50 @@ class EntropyEditing:
                  ", ".join(map(str, run.layers)) or "none", 100 * self.ratio, len(ranked), level,
                  ", ".join(f"{layer}: {run.entropies[layer]:.3f}" for layer in ranked))
 
-    # attention ----------------------------------------------------------------------------------
     def _attention(self, call):
         plan = batch_plan(call.options, self.key)
         run = run_state(call.options, self.key)
-        if plan is None or not plan.roles or run is None or not call.square:
+        step = None if plan is None else plan.payload
+        if not isinstance(step, _Step) or run is None or not call.square:
             return call.run()
-        roles = [plan.roles.get(c, ("target", c)) for c in call.conds]
         if plan.measure:
-            source = [i for i, r in enumerate(roles) if r == ("source", 0)]
+            source = call.rows(step.pairs.sources[0])
             if source:
                 run.sums.add(call.layer, call_entropy(call, source, "video tokens"))
             return call.run()
-        if call.layer not in (run.layers or ()):
+        if not step.edit or call.layer not in (run.layers or ()):
             return call.run()
-        # The target elements take the paired source elements' q and k (video tokens).
-        start, stop = call.map_span("video tokens") or (0, call.seq_len)
+        return self._edit(call, run, step)
+
+    def _edit(self, call, run, step):
+        """The target rows take their source rows' q and k: from this call where the source is in
+        it, else from the step's store (where a forward that ran the source left them)."""
+        window = call.options.get("context_window")  # ComfyUI's context windows pair window by window
+        key = (call.layer, None if window is None else tuple(window.index_list))
+        span = call.map_span("video tokens")
+        found = step.pairs.pair(call.options, call.batch, key, run.store, lambda rows: (call.q[rows], call.k[rows], span))
         q, k = call.q.clone(), call.k.clone()
-        targets = [i for i, r in enumerate(roles) if r[0] == "target"]
-        for kind in (0, 1):
-            tgt = [i for i in targets if roles[i][1] == kind]
-            src = [i for i, r in enumerate(roles) if r == ("source", kind)]
-            if not tgt:
-                continue
-            if len(src) != len(tgt):
-                if not run.split_warned:
-                    run.split_warned = True
-                    log.warning("IE-Adapt editing: ComfyUI ran the source and the target in separate forwards (memory "
-                                "was short); their attention could not be paired in some calls, so those were not edited")
-                continue
-            for t in (q, k):
-                t.narrow(call.token_axis, start, stop - start)[tgt] = t.narrow(call.token_axis, start, stop - start)[src]
-        return call.run(q, k)
+        own_text = []
+        for target, rows, source in found:
+            if source is None and step.replay:
+                self._warn(run, "unpaired", "a target call found no source q and k even after the source ran; not edited")
+            elif source is None:
+                run.missed.add(target)
+            else:
+                taken = take_map(call, q, k, rows, *source)
+                own_text += [rows] if taken == "video and text keys" else []
+                if taken in _PARTLY:
+                    self._warn(run, taken, _PARTLY[taken])
+        out = call.run(q, k)
+        if own_text:
+            own_attention_rows(call, out, own_text, text_tokens(call))
+        return out
+
+    @staticmethod
+    def _warn(run, key, message):
+        if key not in run.warned:
+            run.warned.add(key)
+            log.warning("IE-Adapt editing: %s", message)
 
 
 def apply_entropy_editing(model, source_positive, source_latent=None, ratio: float = 0.5,
