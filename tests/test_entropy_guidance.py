@@ -447,6 +447,31 @@ def test_shared_prefix_on_other_families_gives_the_full_branches_result(fam_id, 
     assert full_sizes == [(i, 4) for i in range(n)]
 
 
+def test_wan_shares_the_prefix_only_on_variants_read_exact(wan21):
+    """Wan variants get prefix points only where their blocks read nothing batch-sized beyond the
+    block-replace arguments: plain WanModel (and its listed variants) do; HuMo (audio tokens),
+    WanAnimate2 (pose keys and buffers, newer ComfyUI) and a variant nobody has read do not."""
+    import comfy.ldm.wan.model as wan_model
+    from freevideo.enhance_core.models.wan import SHARED_PREFIX_EXACT, WanAdapter
+    adapter = WanAdapter()
+    assert adapter.prefix_points(wan21.get_model_object("diffusion_model")) == [("double_block", i) for i in range(4)]
+    unread = type("UnreadWanVariant", (wan_model.WanModel,), {})
+    excluded = [wan_model.HumoWanModel, unread]
+    try:
+        from comfy.ldm.wan.model_animate2 import WanAnimate2Model
+        excluded.append(WanAnimate2Model)
+    except ImportError:
+        pass
+    for cls in excluded:
+        assert cls.__name__ not in SHARED_PREFIX_EXACT
+        assert adapter.prefix_points(object.__new__(cls)) is None, cls.__name__
+    # The variants both ComfyUI versions have are listed under their real class names.
+    import comfy.ldm.wan.model_animate as animate
+    present = {name for module in (wan_model, animate) for name, c in vars(module).items()
+               if isinstance(c, type) and issubclass(c, wan_model.WanModel)}
+    assert {"WanModel", "VaceWanModel", "CameraWanModel", "WanModel_S2V", "AnimateWanModel"} <= SHARED_PREFIX_EXACT & present
+
+
 def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
     """The registry's per-layer entropy and the inspector's, each against the naive softmax entropy of
     the conditional element's q and k recorded in the same forward (not against each other)."""
