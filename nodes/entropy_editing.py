@@ -25,7 +25,8 @@ class EntropyEditing(io.ComfyNode):
                 io.Conditioning.Input("source_positive", tooltip="The prompt that describes the source video (the "
                                       "prompt that generated it, or a caption of the real video). The source runs as "
                                       "one extra batch element per cond beside the target (about 2x the forward), "
-                                      "plus one source forward at the first step to choose the layers."),
+                                      "plus one source forward at the first step to choose the layers; where ComfyUI "
+                                      "cannot batch them (a prompt of another length) it runs first, on its own."),
                 io.Float.Input("ratio", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the self-attention layers (lowest source entropy first) whose "
                                        "attention map the target takes from the source. Paper: 0.5; 0.5-0.65 balances "
@@ -39,8 +40,9 @@ class EntropyEditing(io.ComfyNode):
                                        "last steps refine details freely."),
                 io.Latent.Input("source_latent", optional=True,
                                 tooltip="A real source video's latent (VAE Encode, same size as the sampled latent): "
-                                        "it is DDIM-inverted with source_positive and the target starts from the "
-                                        "inverted latent (the sampler's seed and noise are then unused). Leave empty to "
+                                        "it is DDIM-inverted with source_positive and a run from the top of the "
+                                        "schedule starts from the inverted latent (the sampler's seed and noise are "
+                                        "then unused); a later sampler stage continues from its input. Leave empty to "
                                         "edit a video generated with the sampler's seed, steps and scheduler (exact with "
                                         "euler and no CFG modifier such as CFGZeroStar or a post-CFG guidance)."),
             ],
