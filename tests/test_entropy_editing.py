@@ -170,3 +170,31 @@ def test_a_source_video_of_another_size_fails_before_the_first_step(wan21):
     with pytest.raises(ValueError, match=r"source_latent: shape \(1, 16, 3, 8, 8\) does not match the sampled latent"):
         sample(model)
     assert not calls  # no model call ran
+
+
+def _stage(model, latent, start, end, steps=4):
+    """KSamplerAdvanced as a two-stage graph sets it (noise added by the first, leftover noise returned
+    by a stage that ends early)."""
+    import nodes
+    return nodes.KSamplerAdvanced().sample(model, "enable" if start == 0 else "disable", 0, steps, 5.0, "euler", "simple",
+                                           TARGET, NEG, latent, start, end,
+                                           "enable" if end < steps else "disable")[0]
+
+
+def test_two_editing_nodes_in_two_stages_hand_the_source_on(wan21, caplog):
+    """Wan 2.2's two-expert pattern: an editing node on each stage's model (here both on one model,
+    every layer chosen so the second node's own choice is the first's). The second node continues
+    the source's trajectory from the latent the first stage returned, so the two stages give the
+    edit of one run; a second stage fed another latent says in the log that its source starts from
+    the target's latent."""
+    one_run = sample(apply_entropy_editing(wan21, SOURCE, ratio=1.0), steps=4)
+    handover = _stage(apply_entropy_editing(wan21, SOURCE, ratio=1.0), video_latent(frames=5), 0, 2)
+    second = apply_entropy_editing(wan21, SOURCE, ratio=1.0)
+    staged = _stage(second, handover, 2, 4)["samples"]
+    plain = sample(wan21, steps=4)
+    gap = float((staged - one_run).abs().max() / one_run.abs().max())
+    assert gap < 1e-4, gap
+    assert float((one_run - plain).abs().max() / plain.abs().max()) > 1e-2
+    caplog.clear()
+    _stage(second, {"samples": handover["samples"] + 0.1}, 2, 4)
+    assert "the source starts from the target's latent" in caplog.text
