@@ -198,3 +198,36 @@ def test_two_editing_nodes_in_two_stages_hand_the_source_on(wan21, caplog):
     caplog.clear()
     _stage(second, {"samples": handover["samples"] + 0.1}, 2, 4)
     assert "the source starts from the target's latent" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def two_entry_edit(wan21):
+    """A two-entry positive (ConditioningCombine: ComfyUI runs each entry as its own batch element)
+    edited with every element in one forward: target c0, c1, n0 and the source's cond and uncond."""
+    import nodes
+    positive = nodes.ConditioningCombine().combine(TARGET, text_conditioning(seed=5))[0]
+    return positive, sample(apply_entropy_editing(wan21, SOURCE), positive=positive), sample(wan21, positive=positive)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_a_two_entry_positive_is_edited_alike_under_every_batch_split(wan21, two_entry_edit, capacity, monkeypatch):
+    """Memory for `capacity` of the 5 elements: ComfyUI runs the source's elements in forwards of
+    their own and each target entry takes the source's q and k kept from them (both entries pair
+    with the source's one entry). The result equals the one-forward edit."""
+    import comfy.model_management
+    import comfy.model_patcher
+    positive, unsplit, plain = two_entry_edit
+    latent = video_latent(frames=5)
+    free = 1.5 * wan21.model.memory_required([1] + list(latent["samples"].shape[1:])) * (capacity + 0.5)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: free)
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda *a, **k: free)
+    batches = []
+    counted = wan21.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_batch_sizes",
+                                 lambda executor, x, *a, **kw: batches.append(x.shape[0]) or executor(x, *a, **kw))
+    split = sample(apply_entropy_editing(counted, SOURCE), positive=positive)
+    assert batches and max(batches) <= capacity, batches
+    assert float((unsplit - plain).abs().max() / plain.abs().max()) > 1e-2
+    gap = float((split - unsplit).abs().max() / unsplit.abs().max())
+    assert gap < 1e-4, f"memory for {capacity} of 5 elements: {gap:.3g} from the one-forward edit"
