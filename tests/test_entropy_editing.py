@@ -231,3 +231,25 @@ def test_a_two_entry_positive_is_edited_alike_under_every_batch_split(wan21, two
     assert float((unsplit - plain).abs().max() / plain.abs().max()) > 1e-2
     gap = float((split - unsplit).abs().max() / unsplit.abs().max())
     assert gap < 1e-4, f"memory for {capacity} of 5 elements: {gap:.3g} from the one-forward edit"
+
+
+def test_multigpu_work_units_edit_as_one_device(wan21, monkeypatch):
+    """0.33's MultiGPU_WorkUnits node and thread pool, two CPU devices standing in for two GPUs:
+    ComfyUI deals the 4 elements (target cond and uncond, the source's two) to the devices, which run
+    at once, so a target may run before its source; such a target is evaluated again with the
+    source's q and k stored. The result equals the one-device edit."""
+    from support.deep_clones import forget_released_patchers, needs_deep_clones
+    needs_deep_clones()
+    try:
+        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
+    except ImportError:
+        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node (comfy_extras/nodes_multigpu.py)")
+    import comfy.model_management
+    one_device = sample(apply_entropy_editing(wan21, SOURCE))
+    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
+                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
+    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    forget_released_patchers()
+    split = sample(MultiGPUCFGSplitNode.execute(apply_entropy_editing(wan21, SOURCE), 2)[0])
+    gap = float((split - one_device).abs().max() / one_device.abs().max())
+    assert gap < 1e-4, f"two devices vs one: {gap:.3g}"
