@@ -496,10 +496,9 @@ def test_node_schema_execute_and_workflows(sd15):
 
 
 @pytest.mark.server
-def test_through_comfyuis_own_server(tmp_path):
+def test_through_comfyuis_own_server(comfy_server):
     """As users run it: ComfyUI's server, API prompt with loaders, Wan 2.1 as both the image and the
     video model (pixel bridge, SFI on), outputs saved; a bad t_T2V is reported before sampling."""
-    from support.comfy_server import ComfyServer
     from safetensors.torch import load_file
     wan, vae = tiny_models.wan21_t2v(), tiny_models.wan21_vae()
     cond = lambda text: {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": text, "tokens": 8, "dim": WAN_DIM}}
@@ -521,11 +520,11 @@ def test_through_comfyuis_own_server(tmp_path):
         "9": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["7", 1], "filename_prefix": "evs", "fps": 8.0,
               "lossless": False, "quality": 80, "method": "default"}},
     }
-    with ComfyServer(tmp_path, models={"diffusion_models": [wan], "vae": [vae]}) as server:
-        files = server.output_files(server.run(prompt))
-        (latent,) = [p for p in files if p.suffix == ".latent"]
-        assert load_file(str(latent))["latent_tensor"].shape == (1, 16, 3, 4, 4)
-        assert any(p.suffix == ".webp" for p in files)
-        prompt["7"]["inputs"]["t_T2V"] = 9
-        with pytest.raises(RuntimeError, match="t_T2V: 9 is outside the image run"):
-            server.run(prompt)
+    server = comfy_server  # holds the same tiny Wan 2.1 and VAE files
+    files = server.output_files(server.run(prompt))
+    (latent,) = [p for p in files if p.suffix == ".latent"]
+    assert load_file(str(latent))["latent_tensor"].shape == (1, 16, 3, 4, 4)
+    assert any(p.suffix == ".webp" for p in files)
+    prompt["7"]["inputs"]["t_T2V"] = 9
+    with pytest.raises(RuntimeError, match="t_T2V: 9 is outside the image run"):
+        server.run(prompt)

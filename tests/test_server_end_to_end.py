@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from support import tiny_models
-from support.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.server
 
@@ -32,9 +31,8 @@ def wan_prompt(enhance_weight: float | None, prefix: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ComfyServer(tmp_path_factory.mktemp("comfy"), models={"diffusion_models": [tiny_models.wan21_t2v()]}) as s:
-        yield s
+def server(comfy_server):
+    return comfy_server
 
 
 def saved_latent(server, entry):

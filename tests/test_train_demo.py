@@ -33,9 +33,12 @@ def test_smoke_training_writes_models_comfyui_loads(tmp_path):
     if not _wan_rope_is_differentiable():
         pytest.skip("this ComfyUI computes Wan's RoPE with a kernel that has no backward (comfy_kitchen): the "
                     "demo models train on the embedded ComfyUI 0.3.75 runtime (bash scripts/test.sh sets it up)")
-    report = train_demo_models.main(["--smoke", "--out", str(tmp_path)])
+    # The session's thread count (tests/conftest.py), not the script's default of 2: two threads on
+    # a busy 2-core machine made each smoke run 5x slower.
+    threads = ["--threads", str(torch.get_num_threads())]
+    report = train_demo_models.main(["--smoke", *threads, "--out", str(tmp_path)])
     assert report["vae_history"] and report["dit_history"]
-    assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == 2
+    assert json.loads((tmp_path / "training_log.json").read_text())["args"]["threads"] == torch.get_num_threads()
     model = comfy.sd.load_diffusion_model(str(tmp_path / train_demo_models.DIT_FILE))
     config = model.model.model_config.unet_config
     for key in ("dim", "ffn_dim", "num_layers", "num_heads", "in_dim", "out_dim"):
@@ -47,12 +50,12 @@ def test_smoke_training_writes_models_comfyui_loads(tmp_path):
     assert frames.shape[-4:] == (5, 64, 64, 3)
     # --dit-only keeps the VAE file and retrains the DiT on its latents, recording where the VAE came from.
     vae_bytes = (tmp_path / train_demo_models.VAE_FILE).read_bytes()
-    again = train_demo_models.main(["--smoke", "--dit-only", "--out", str(tmp_path)])
+    again = train_demo_models.main(["--smoke", *threads, "--dit-only", "--out", str(tmp_path)])
     assert (tmp_path / train_demo_models.VAE_FILE).read_bytes() == vae_bytes
     assert again["vae_from"]["out"] == tmp_path.name and again["vae_history"] == report["vae_history"]
     assert again["args"]["dit_only"] and again["dit_history"]
     # a second --dit-only run still names the command that trained the VAE
-    third = train_demo_models.main(["--smoke", "--dit-only", "--out", str(tmp_path)])
+    third = train_demo_models.main(["--smoke", *threads, "--dit-only", "--out", str(tmp_path)])
     assert third["vae_from"] == again["vae_from"] and not third["vae_from"]["dit_only"]
 
 
