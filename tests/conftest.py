@@ -2,6 +2,7 @@
 process, CPU and PyTorch SDPA attention as on GPUs, and the pack imported as package `freevideo`.
 The helpers live in the repository root's `support` package."""
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,14 @@ class _RootIsAPlainFolder:
 
 def pytest_configure(config):
     config.pluginmanager.register(_RootIsAPlainFolder(), "freevideo-root-folder")
+
+
+def pytest_collection_finish(session):
+    # ComfyUI, torch, the pack and the test modules leave ~400,000 long-lived objects once imported.
+    # Frozen, they are left out of every later full garbage collection (ComfyUI runs one before each
+    # model load while it suspects a leaked model): 0.37 s each before, under 1 ms after.
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
