@@ -403,6 +403,7 @@ def test_context_windows_edit(wan21, order):
 
 
 # --- 6. joint attention: the map over video and text keys ------------------------------------------
+@pytest.mark.families
 @pytest.mark.parametrize("fam_id,layer", [
     pytest.param("hunyuan_video", 1, id="hunyuan_video_double_block"),
     pytest.param("hunyuan_video", 2, id="hunyuan_video_single_block"),
