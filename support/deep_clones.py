@@ -19,6 +19,21 @@ def needs_deep_clones():
         pytest.skip("this ComfyUI has no multi-GPU deep clones (ModelPatcher.deepclone_multigpu, added after 0.3.75)")
 
 
+def two_cpu_devices_work_units(monkeypatch):
+    """ComfyUI's MultiGPU_WorkUnits node class with two CPU devices standing in for two GPUs ("cpu"
+    and "cpu:0" compare unequal, so ComfyUI makes a deep clone for the second and runs its work
+    units in a worker thread); skips where this ComfyUI has no deep clones or no such node."""
+    needs_deep_clones()
+    try:
+        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
+    except ImportError:
+        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node (comfy_extras/nodes_multigpu.py)")
+    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
+                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
+    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    return MultiGPUCFGSplitNode
+
+
 def fresh_wan():
     """Tiny Wan 2.1 from the core loader (deep clones reload the model through the loader that made it)."""
     return tiny_models.load_diffusion_model(tiny_models.wan21_t2v())

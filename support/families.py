@@ -74,17 +74,18 @@ def load(fam):
     return _models[fam.id]
 
 
-def conditioning(fam, seed):
+def conditioning(fam, seed, tokens=TEXT_TOKENS):
+    """`fam`'s text conditioning: a prompt of `tokens` tokens and the family's extra inputs."""
     g = torch.Generator().manual_seed(seed)
     extras = {}
     for name, spec in fam.extras.items():
         if spec == "ones":  # a text attention mask, integer as the text encoders give it
-            extras[name] = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+            extras[name] = torch.ones(1, tokens, dtype=torch.long)
         elif isinstance(spec, tuple):
             extras[name] = torch.randn(*spec, generator=g)
         else:
             extras[name] = spec
-    return [[torch.randn(1, TEXT_TOKENS, fam.text_dim, generator=g), extras]]
+    return [[torch.randn(1, tokens, fam.text_dim, generator=g), extras]]
 
 
 def sample(fam, model, steps=2, cfg=3.0):

@@ -25,7 +25,7 @@ from freevideo.enhance_core.methods.feature_accumulation import apply_feature_ac
 from freevideo.enhance_core.models import adapter_for
 from freevideo.enhance_core.patching.attention_slot import add_attention_override
 from support import tiny_image_models, tiny_models
-from support.deep_clones import forget_released_patchers, fresh_wan, needs_deep_clones
+from support.deep_clones import forget_released_patchers, fresh_wan, two_cpu_devices_work_units
 from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG, POS_B = text_conditioning(seed=1), text_conditioning(seed=2), text_conditioning(seed=3)
@@ -271,14 +271,7 @@ def test_shared_prefix_with_a_two_entry_positive_on_multigpu_work_units(wan, uns
 
     Measured on 0.33 with the code this was written against: RuntimeError shape mismatch (cond 0's
     [2, 48, 256] hidden state into U-c0's one row) at the first step."""
-    needs_deep_clones()
-    try:
-        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
-    except ImportError:
-        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node (comfy_extras/nodes_multigpu.py)")
-    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
-                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
-    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    MultiGPUCFGSplitNode = two_cpu_devices_work_units(monkeypatch)
     model, conds = forwards(guided(wan))
     forget_released_patchers()
     split = sample_two_entries(MultiGPUCFGSplitNode.execute(model, 2)[0])

@@ -28,7 +28,7 @@ import comfy.samplers
 import comfy.utils
 import nodes
 from freevideo.enhance_core.methods.entropy_editing import apply_entropy_editing
-from support.families import BY_ID, FRAMES, load
+from support.families import BY_ID, FRAMES, conditioning, load
 from support.sampling import ksample, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
@@ -193,20 +193,6 @@ FAMILY_LAYERS = {
 }
 
 
-def family_conditioning(fam, seed, tokens=8):
-    """`fam`'s conditioning (as support.families makes it) with a prompt of `tokens` tokens."""
-    g = torch.Generator().manual_seed(seed)
-    extras = {}
-    for name, spec in fam.extras.items():
-        if spec == "ones":
-            extras[name] = torch.ones(1, tokens, dtype=torch.long)
-        elif isinstance(spec, tuple):
-            extras[name] = torch.randn(*spec, generator=g)
-        else:
-            extras[name] = spec
-    return [[torch.randn(1, tokens, fam.text_dim, generator=g), extras]]
-
-
 def video_span(fam, model):
     """span(tokens): where the video tokens are in a joint (video and text) kernel call of `tokens` tokens."""
     video = FRAMES * (fam.size // 2) ** 2
@@ -227,8 +213,8 @@ def family_edit(fam_id, source_tokens, cfg, steps=2):
         fam = BY_ID[fam_id]
         model = load(fam)
         latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
-        target, negative = family_conditioning(fam, 1), family_conditioning(fam, 2)
-        source = family_conditioning(fam, 4, tokens=source_tokens)
+        target, negative = conditioning(fam, 1, tokens=8), conditioning(fam, 2, tokens=8)
+        source = conditioning(fam, 4, tokens=source_tokens)
         layers = FAMILY_LAYERS[fam_id]
         plain = ksample(model, latent, target, negative, steps=steps, cfg=cfg)
         with KernelRecorder(model, layers) as reference:

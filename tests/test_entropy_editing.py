@@ -238,17 +238,9 @@ def test_multigpu_work_units_edit_as_one_device(wan21, monkeypatch):
     ComfyUI deals the 4 elements (target cond and uncond, the source's two) to the devices, which run
     at once, so a target may run before its source; such a target is evaluated again with the
     source's q and k stored. The result equals the one-device edit."""
-    from support.deep_clones import forget_released_patchers, needs_deep_clones
-    needs_deep_clones()
-    try:
-        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
-    except ImportError:
-        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node (comfy_extras/nodes_multigpu.py)")
-    import comfy.model_management
+    from support.deep_clones import forget_released_patchers, two_cpu_devices_work_units
     one_device = sample(apply_entropy_editing(wan21, SOURCE))
-    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
-                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
-    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    MultiGPUCFGSplitNode = two_cpu_devices_work_units(monkeypatch)
     forget_released_patchers()
     split = sample(MultiGPUCFGSplitNode.execute(apply_entropy_editing(wan21, SOURCE), 2)[0])
     gap = float((split - one_device).abs().max() / one_device.abs().max())

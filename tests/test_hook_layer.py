@@ -16,7 +16,7 @@ from freevideo.enhance_core.methods.enhance_a_video import apply_enhance_a_video
 from freevideo.enhance_core.methods.entropy_guidance import apply_entropy_guidance
 from freevideo.enhance_core.methods.evs.sampler import SelectiveFeatureInjection
 from support.deep_clones import (concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, forget_released_patchers,
-                                 fresh_wan, needs_deep_clones)
+                                 fresh_wan, needs_deep_clones, two_cpu_devices_work_units)
 from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
@@ -194,14 +194,7 @@ def test_multigpu_work_units_node_splits_our_patched_model(node, monkeypatch):
     """ComfyUI's own MultiGPU_WorkUnits node and thread pool, with two CPU devices standing in for
     two GPUs ("cpu" and "cpu:0" compare unequal, so ComfyUI makes a deep clone for the second and
     runs its work units in a worker thread). The split result equals the single-device result."""
-    needs_deep_clones()
-    try:
-        from comfy_extras.nodes_multigpu import MultiGPUCFGSplitNode
-    except ImportError:
-        pytest.skip("this ComfyUI has no MultiGPU_WorkUnits node")
-    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices",
-                        lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 0)])
-    monkeypatch.setattr(comfy.model_management, "set_torch_device", lambda device: None)
+    MultiGPUCFGSplitNode = two_cpu_devices_work_units(monkeypatch)
     threads = set()
     model = fresh_wan()
     add_attention_override(model, "test_threads", lambda call_next, *a, **kw: (threads.add(threading.get_ident()), call_next(*a, **kw))[1])
