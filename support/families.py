@@ -29,6 +29,9 @@ class Family:
     loader: str | None = None  # tiny_models function that builds the patcher (None: ComfyUI's loader)
     requires: str | None = None  # module the running ComfyUI must have
     layers: int = 2  # self-attention layers of the tiny model
+    # Function of this module that builds the latent of an audio-video family from the video latent
+    # (None: the video latent alone).
+    av_latent: str | None = None
 
 
 FAMILIES = [
@@ -88,10 +91,17 @@ def conditioning(fam, seed, tokens=TEXT_TOKENS):
     return [[torch.randn(1, tokens, fam.text_dim, generator=g), extras]]
 
 
+def latent(fam, frames=FRAMES, size=None):
+    """An empty latent of `fam` ({"samples": ...}): `frames` latent frames of size x size (default:
+    the family's size), with the family's audio where it has one."""
+    size = fam.size if size is None else size
+    video = torch.zeros(1, fam.channels, frames, size, size)
+    return {"samples": video} if fam.av_latent is None else globals()[fam.av_latent](video)
+
+
 def sample(fam, model, steps=2, cfg=3.0):
     """A KSampler run of `fam`'s latent (FRAMES latent frames) with conditioning seeds 1 and 2."""
-    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
-    return ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=steps, cfg=cfg)
+    return ksample(model, latent(fam), conditioning(fam, 1), conditioning(fam, 2), steps=steps, cfg=cfg)
 
 
 def plain(fam):

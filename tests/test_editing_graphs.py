@@ -28,7 +28,7 @@ import comfy.samplers
 import comfy.utils
 import nodes
 from freevideo.enhance_core.methods.entropy_editing import apply_entropy_editing
-from support.families import BY_ID, FRAMES, conditioning, load
+from support.families import BY_ID, FRAMES, conditioning, load, latent as family_latent
 from support.sampling import ksample, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
@@ -212,7 +212,7 @@ def family_edit(fam_id, source_tokens, cfg, steps=2):
     def compute():
         fam = BY_ID[fam_id]
         model = load(fam)
-        latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+        latent = family_latent(fam)
         target, negative = conditioning(fam, 1, tokens=8), conditioning(fam, 2, tokens=8)
         source = conditioning(fam, 4, tokens=source_tokens)
         layers = FAMILY_LAYERS[fam_id]

@@ -9,7 +9,7 @@ import torch
 from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
 from freevideo.enhance_core.methods.entropy_editing import EntropyEditing, apply_entropy_editing
 from freevideo.enhance_core.models import adapter_for
-from support.families import FAMILIES, FRAMES, conditioning, load
+from support.families import FAMILIES, conditioning, load, latent as family_latent
 from support.sampling import ksample, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
@@ -139,7 +139,7 @@ def test_bad_input_is_a_clear_error(wan21, case, message):
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.id)
 def test_every_family_edits(fam):
     model = load(fam)
-    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+    latent = family_latent(fam)
     plain = ksample(model, latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     edited = ksample(apply_entropy_editing(model, conditioning(fam, 4)), latent, conditioning(fam, 1), conditioning(fam, 2), steps=2, cfg=3.0)
     assert torch.isfinite(edited).all() and not torch.equal(edited, plain)

@@ -8,7 +8,7 @@ import torch
 from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
 from freevideo.enhance_core.methods.evs.sampler import SFI_SETTINGS, SelectiveFeatureInjection, sfi_layers_and_gamma
 from freevideo.enhance_core.models import adapter_for
-from support.families import FAMILIES, FRAMES, conditioning, load
+from support.families import FAMILIES, conditioning, load, latent as family_latent
 from support.sampling import ksample
 
 GAMMA = 0.7
@@ -31,7 +31,7 @@ def test_injects_video_tokens_and_keeps_each_branchs_text(fam):
     sigma = float(model.get_model_object("model_sampling").sigma_max)
     sfi.keep_levels([sigma])
     sfi.sigma = sigma
-    latent = {"samples": torch.zeros(1, fam.channels, FRAMES, fam.size, fam.size)}
+    latent = family_latent(fam)
 
     def run(mode, cfg, seed):
         sfi.mode = mode
