@@ -245,3 +245,40 @@ def kandinsky5() -> Path:
                           visual_embed_dim=132, num_text_blocks=1, num_visual_blocks=2,
                           operations=comfy.ops.disable_weight_init)
     return _cached("tiny_kandinsky5.safetensors", build)
+
+
+# --- Models the video methods refuse: the backbone of a supported family, another model -------
+
+
+def wan21_causal_ar() -> Path:
+    """Autoregressive Wan 2.1 (CausalWanModel, Causal Forcing): the tiny Wan 2.1 T2V weights (the
+    real model's are Wan 2.1's too) with the "config" metadata its released files carry, which is
+    what makes ComfyUI's loader pick WAN21_CausalAR_T2V. Newer ComfyUI only."""
+    import json
+    from safetensors.torch import load_file, save_file
+    path = CACHE / "tiny_wan21_causal_ar.safetensors"
+    if not path.exists():
+        tmp = path.with_suffix(".partial")
+        save_file(load_file(str(wan21_t2v())), str(tmp), metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
+        os.replace(tmp, path)
+    return path
+
+
+def load_anima_on_meta():
+    """The Anima image model (comfy/ldm/anima, a Cosmos-Predict2 backbone with a text adapter) as
+    ComfyUI's detection and model classes build it, on the meta device: no weights. Its text
+    adapter has a fixed size (157M parameters with a width-256 backbone), too large for a test
+    file, and refusing the model needs only its class. Newer ComfyUI only."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy.ldm.anima.model import Anima
+    with torch.device("meta"):
+        layout = Anima(max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16, patch_spatial=2,
+                       patch_temporal=1, model_channels=256, num_blocks=10, num_heads=16, crossattn_emb_channels=1024,
+                       pos_emb_cls="rope3d", pos_emb_learnable=True, use_adaln_lora=True, adaln_lora_dim=256,
+                       operations=comfy.ops.disable_weight_init).state_dict()
+    config = comfy.model_detection.model_config_from_unet(layout, "")
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(layout, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

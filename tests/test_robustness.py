@@ -618,3 +618,62 @@ def test_bad_input_is_a_clear_error_before_any_model_call(server, reference, cas
     # the server keeps serving, and serves right
     got = run(server, wan_prompt(None, nonce=next(_nonce)))["save_out.latents.0"]
     assert torch.equal(got, plain)
+
+
+# --- models that share a supported backbone but are refused ---------------------------------
+# In process, on the real classes as ComfyUI's loader builds them (newer ComfyUI only): every node
+# refuses them when it patches, with a message naming the model and why, instead of running with
+# hooks that never fire. Anima's text adapter has a fixed 157M-parameter size: it is built on the
+# meta device (refusing needs only its class).
+
+def _patch_with(node: str, model):
+    from freevideo.enhance_core.methods import (attention_inspector, enhance_a_video, entropy_editing,
+                                                entropy_guidance, feature_accumulation)
+    from freevideo.enhance_core.methods.evs.feature_injection import SelectiveFeatureInjection
+    text = [[torch.zeros(1, 8, WAN_DIM), {}]]
+    if node == "eav":
+        return enhance_a_video.apply_enhance_a_video(model, weight=4.0)
+    if node == "ieg":
+        return entropy_guidance.apply_entropy_guidance(model, 1.0)
+    if node == "editing":
+        return entropy_editing.apply_entropy_editing(model, text, ratio=0.5)
+    if node == "inspector":
+        return attention_inspector.inspect_attention(model, {"samples": torch.zeros(1, 16, 3, 4, 4)}, text, 0.5)
+    if node == "feature accumulation":
+        return feature_accumulation.apply_feature_accumulation(model, gate="0.1")
+    if node == "evs feature injection":
+        return SelectiveFeatureInjection(model.clone(), "all", 0.8)
+    raise ValueError(node)
+
+
+def _causal_wan():
+    pytest.importorskip("comfy.ldm.wan.ar_model", reason="this ComfyUI has no autoregressive Wan (0.33 has)")
+    return tiny_models.load_diffusion_model(tiny_models.wan21_causal_ar())
+
+
+def _anima():
+    pytest.importorskip("comfy.ldm.anima.model", reason="this ComfyUI has no Anima (0.33 has)")
+    return tiny_models.load_anima_on_meta()
+
+
+REFUSED_MODELS = [
+    ("autoregressive Wan", _causal_wan, "CausalWanModel",
+     r"model: CausalWanModel is not supported, although it shares the Wan 2\.1 / 2\.2 backbone: autoregressive Wan "
+     r".*KV cache.*whole clip in one model call"),
+    ("Anima", _anima, "Anima",
+     r"model: Anima is not supported, although it shares the Cosmos-Predict2 backbone: it is an image model"),
+]
+REFUSING_NODES = ["eav", "ieg", "editing", "inspector", "feature accumulation", "evs feature injection"]
+
+
+@pytest.mark.parametrize("node", REFUSING_NODES)
+@pytest.mark.parametrize("case,build,cls,pattern", REFUSED_MODELS, ids=[c[0] for c in REFUSED_MODELS])
+def test_a_model_on_a_supported_backbone_that_the_methods_cannot_act_on_is_refused(case, build, cls, pattern, node):
+    model = build()
+    assert type(model.get_model_object("diffusion_model")).__name__ == cls  # what ComfyUI's loader built
+    patches = dict(model.object_patches)
+    with pytest.raises(ValueError, match=pattern) as refused:
+        _patch_with(node, model)
+    if node == "evs feature injection":
+        assert str(refused.value).startswith("video_model (Selective Feature Injection): model: ")
+    assert model.object_patches == patches  # the model passed in is left as it was

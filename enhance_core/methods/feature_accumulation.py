@@ -14,7 +14,6 @@ Hooks: hooked copies of the blocks (and attention-input modules) as object patch
 Cosmos and CogVideoX have none, and Kandinsky 5's passes arguments its blocks do not take.
 """
 
-import contextlib
 import inspect
 import logging
 import math
@@ -159,7 +158,7 @@ def _norm_function(func) -> bool:
 class _NormInput(TorchFunctionMode):
     """While a block runs: the first normalisation function applied to the block's input (by
     identity) gets the pending mix instead. For blocks that form their attention input with a
-    function, not a module (LTX-Video)."""
+    function (LTX-Video), or with a fused kernel in place of the adapter's module (newer ComfyUI)."""
 
     def __init__(self, call):
         super().__init__()
@@ -209,7 +208,7 @@ class FeatureAccumulation:
         for i in sorted(set(self.mixing) | self.needed):
             site = blocks[i]
             hidden_name = _hidden_parameter(module_of(self.clone, site.path)[1])
-            hook_module(self.clone, site.path, self._block_hook(i, hidden_name, site.attention_input is None))
+            hook_module(self.clone, site.path, self._block_hook(i, hidden_name))
             if mode == "attention input" and i in self.mixing and site.attention_input is not None:
                 hook_module(self.clone, site.attention_input, self._attention_input_hook)
 
@@ -222,7 +221,7 @@ class FeatureAccumulation:
                  format_ranges(layers), self.group_size, self.window.sigma_start, self.window.sigma_end)
         return executor(*args, **kwargs)
 
-    def _block_hook(self, layer: int, hidden_name: str, by_function: bool):
+    def _block_hook(self, layer: int, hidden_name: str):
         gate, record, call = self.mixing.get(layer), layer in self.needed, self.call
 
         def around(forward, *args, **kwargs):
@@ -240,7 +239,7 @@ class FeatureAccumulation:
             elif self.mode == "block input":
                 out = self._run_on_block_input(forward, args, kwargs, hidden_name, layer, gate, h, span)
             else:
-                out = self._run_on_attention_input(forward, args, kwargs, layer, gate, h, span, by_function)
+                out = self._run_on_attention_input(forward, args, kwargs, layer, gate, h, span)
             if record:
                 hidden_out = out if torch.is_tensor(out) else out[0]
                 acc.add(layer, video_of(hidden_out, span), hidden_out)
@@ -263,13 +262,13 @@ class FeatureAccumulation:
             return forward(new, *args[1:], **kwargs)
         return forward(**dict(kwargs, **{hidden_name: new}))
 
-    def _run_on_attention_input(self, forward, args, kwargs, layer, gate, h, span, by_function):
+    def _run_on_attention_input(self, forward, args, kwargs, layer, gate, h, span):
         call = self.call
         # Only the pending slot holds the mix, until the attention-input module's hook (or, where a
-        # norm function forms that input, _NormInput) takes it.
+        # norm function or a fused kernel forms that input, _NormInput) takes it.
         call.pending = (h, span, call.acc.mix(video_of(h, span), gate))
         try:
-            with _NormInput(call) if by_function else contextlib.nullcontext():
+            with _NormInput(call):
                 out = forward(*args, **kwargs)
         finally:
             missed, call.pending = call.pending, None

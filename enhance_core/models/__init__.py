@@ -15,7 +15,7 @@ class AttentionSite:
     """One self-attention layer. Paths are relative to the diffusion model."""
 
     # The module whose forward makes this layer's (single) self-attention kernel call; or, with
-    # `disarm`, the module that runs just before that call (its q normalisation).
+    # `disarm`, a module that runs just before that call (such as its q projection).
     arm: str
     # The module whose output is this layer's attention output after its output projection, video
     # tokens only. None where the projection is shared with other features (a single-stream block's
@@ -120,6 +120,11 @@ class FamilyAdapter:
     def matches(self, diffusion_model) -> bool:
         raise NotImplementedError
 
+    def refusal(self, diffusion_model) -> str | None:
+        """Why a model this adapter matches (its backbone class) must still not be patched, or None:
+        a variant the methods cannot act on, refused at patch time rather than left unpatched."""
+        return None
+
     def sites(self, diffusion_model) -> list[AttentionSite]:
         raise NotImplementedError
 
@@ -147,6 +152,10 @@ def adapter_for(model_patcher) -> FamilyAdapter:
     diffusion_model = model_patcher.get_model_object("diffusion_model")
     for adapter in _adapters():
         if adapter.matches(diffusion_model):
+            why = adapter.refusal(diffusion_model)
+            if why is not None:
+                raise ValueError(f"model: {type(diffusion_model).__name__} is not supported, although it shares the "
+                                 f"{adapter.name} backbone: {why}")
             return adapter
     raise ValueError(
         f"model: {type(diffusion_model).__name__} is not a supported video model. "

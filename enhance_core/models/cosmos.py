@@ -10,7 +10,7 @@ and residual.
   [tokens, batch, channels].
 """
 
-from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, is_instance_of, patched_tokens
 
 
 def _spatial_tokens(patch_spatial, x) -> int:
@@ -24,6 +24,13 @@ class CosmosPredict2Adapter(FamilyAdapter):
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.cosmos.predict2 import MiniTrainDIT
         return isinstance(diffusion_model, MiniTrainDIT)
+
+    def refusal(self, diffusion_model) -> str | None:
+        # Anima (comfy/ldm/anima) subclasses the backbone with a text adapter: an image model.
+        if is_instance_of(diffusion_model, "comfy.ldm.anima.model", "Anima"):
+            return ("it is an image model (one picture per latent, no frames), and the methods here act across the "
+                    "frames of a video. Use a Cosmos-Predict2 video model")
+        return None
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"blocks.{i}.self_attn", output=f"blocks.{i}.self_attn")

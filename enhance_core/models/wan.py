@@ -1,12 +1,13 @@
 """Wan 2.1 / 2.2 (t2v, i2v, the 5B TI2V, VACE, camera and other WanModel variants).
 
-Self-attention is `blocks.i.self_attn` (WanSelfAttention): q is normalised by `norm_q` just before
+Self-attention is `blocks.i.self_attn` (WanSelfAttention): its q projection `q` runs just before
 the kernel call, and its forward ends with the output projection `o`, before the block's gate and
 residual. No text tokens in self-attention (text enters
 through cross-attention). A reference latent, where a variant adds one, is one more frame in front.
+Autoregressive Wan (CausalWanModel) shares the backbone and is refused: see `refusal`.
 """
 
-from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, is_instance_of, patched_tokens
 
 
 # Variants whose blocks read nothing sized by the batch beyond the block-replace point's arguments
@@ -33,10 +34,20 @@ class WanAdapter(FamilyAdapter):
         from comfy.ldm.wan.model import WanModel
         return isinstance(diffusion_model, WanModel)
 
+    def refusal(self, diffusion_model) -> str | None:
+        if is_instance_of(diffusion_model, "comfy.ldm.wan.ar_model", "CausalWanModel"):
+            return ("autoregressive Wan (Causal Forcing / Self-Forcing) is sampled a few frames at a time by ComfyUI's "
+                    "AR video sampler, each chunk attending to the earlier frames through a KV cache, and its blocks get "
+                    "none of ComfyUI's per-call options; every method here needs self-attention over the whole clip "
+                    "in one model call. Use a regular Wan 2.1 / 2.2 model")
+        return None
+
     def sites(self, diffusion_model) -> list[AttentionSite]:
         # Children of self_attn: packs that patch self_attn.forward (KJNodes' Enhance-A-Video) stay
-        # composable, and the hooks run inside their forward as long as it calls norm_q and o.
-        return [AttentionSite(arm=f"blocks.{i}.self_attn.norm_q", output=f"blocks.{i}.self_attn.o",
+        # composable, and the hooks run inside their forward as long as it calls q and o. The arm is
+        # the q projection, not the q norm: a norm may be fused into a kernel with the rotary
+        # embedding (other families do so in ComfyUI 0.33), and its module then never runs.
+        return [AttentionSite(arm=f"blocks.{i}.self_attn.q", output=f"blocks.{i}.self_attn.o",
                               disarm=f"blocks.{i}.self_attn.o")
                 for i in range(len(diffusion_model.blocks))]
 
