@@ -50,6 +50,9 @@ FAMILIES = [
            requires="comfy.ldm.cogvideo.model"),
     Family("kandinsky5", "Kandinsky5", "Kandinsky5", "Kandinsky 5 (newer ComfyUI)", "kandinsky5", 16, 8, 3584,
            {"pooled_output": (1, 768)}, requires="comfy.ldm.kandinsky5.model"),
+    # Text features of 2 x 64: the video and audio halves the model's text connectors produce.
+    Family("ltx2", "LTXAV", "LTXAV", "LTX-2", "ltx2", 128, 4, 128, {"attention_mask": "ones", "frame_rate": 25.0},
+           requires="comfy.ldm.lightricks.av_model", av_latent="ltx2_av_latent"),
 ]
 BY_ID = {f.id: f for f in FAMILIES}
 _models = {}
@@ -101,7 +104,15 @@ def latent(fam, frames=FRAMES, size=None):
 
 def sample(fam, model, steps=2, cfg=3.0):
     """A KSampler run of `fam`'s latent (FRAMES latent frames) with conditioning seeds 1 and 2."""
-    return ksample(model, latent(fam), conditioning(fam, 1), conditioning(fam, 2), steps=steps, cfg=cfg)
+    return flat(ksample(model, latent(fam), conditioning(fam, 1), conditioning(fam, 2), steps=steps, cfg=cfg))
+
+
+def flat(samples):
+    """A sampled latent as one tensor: an audio-video latent (ComfyUI's NestedTensor) as its streams
+    flattened per batch element and joined, as ComfyUI's sampler packs them; any other as it is."""
+    if not getattr(samples, "is_nested", False):
+        return samples
+    return torch.cat([t.reshape(t.shape[0], -1) for t in samples.unbind()], dim=1)
 
 
 def plain(fam):
@@ -109,3 +120,13 @@ def plain(fam):
     if fam.id not in _plain:
         _plain[fam.id] = sample(fam, load(fam))
     return _plain[fam.id]
+
+
+def ltx2_av_latent(video):
+    """LTX-2's latent as its empty-latent nodes and LTXVConcatAVLatent make it: the video and an
+    audio latent of 8 channels x 16 frequency bins at 25 latents per second, for the video's
+    (F - 1) * 8 + 1 pixel frames at 25 frames per second."""
+    import comfy.nested_tensor
+    pixel_frames, frame_rate = (video.shape[2] - 1) * 8 + 1, 25.0
+    audio = torch.zeros(video.shape[0], 8, round(pixel_frames / frame_rate * 25), 16)
+    return {"samples": comfy.nested_tensor.NestedTensor((video, audio))}

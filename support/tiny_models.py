@@ -247,6 +247,34 @@ def kandinsky5() -> Path:
     return _cached("tiny_kandinsky5.safetensors", build)
 
 
+# LTX-2's sizes come from the checkpoint's "config" metadata, as in the released files; ComfyUI's
+# detection reads the block count, the video head width (32 heads) and the text width from the weights.
+LTX2_CONFIG = dict(in_channels=128, audio_in_channels=128, cross_attention_dim=256, attention_head_dim=8,
+                   num_attention_heads=32, audio_cross_attention_dim=64, audio_attention_head_dim=16,
+                   audio_num_attention_heads=4, caption_channels=64, num_layers=2, connector_attention_head_dim=16,
+                   connector_num_attention_heads=4, connector_num_layers=1)
+
+
+def ltx2() -> Path:
+    """LTX-2 audio-video layout (LTXAVModel): 2 blocks, video 32 heads of 8, audio 4 heads of 16,
+    text features of 2 x 64 (video and audio halves, as the model's own text connectors give them).
+    Newer ComfyUI only."""
+    import json
+    path = CACHE / "tiny_ltx2.safetensors"
+    if not path.exists():
+        import comfy.ops
+        from comfy.ldm.lightricks.av_model import LTXAVModel
+        from safetensors.torch import save_file
+        module = LTXAVModel(**LTX2_CONFIG, operations=comfy.ops.disable_weight_init)
+        init_weights(module)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp),
+                  metadata={"config": json.dumps({"transformer": LTX2_CONFIG})})
+        os.replace(tmp, path)
+    return path
+
+
 # --- Models the video methods refuse: the backbone of a supported family, another model -------
 
 

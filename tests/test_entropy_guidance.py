@@ -13,7 +13,7 @@ from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
 from freevideo.enhance_core.methods.attention_inspector import inspect_attention, render_chart
 from freevideo.enhance_core.methods.entropy_guidance import PAIRS, EntropyGuidance, apply_entropy_guidance
 from freevideo.enhance_core.models import adapter_for
-from support.families import FAMILIES, conditioning, load, latent as family_latent
+from support.families import FAMILIES, conditioning, flat, load, latent as family_latent
 from support.reference import naive_entropy
 from support.sampling import force_unbatched, ksample, text_conditioning, video_latent
 
@@ -357,7 +357,7 @@ def test_every_family_registers_and_replaces(fam, attention_map):
         return out
     SelfAttentionLayers(guided, adapter_for(guided), "test_recorder", "test recorder").route(range(g.n_layers), record)
     latent = family_latent(fam)
-    out = ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0)
+    out = flat(ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0))
     assert torch.isfinite(out).all()
     assert len(g.last_run.registered) == 1 and calls.count((True, True)) == 1 and all(c == (False, False) for c in calls if c != (True, True))
     first_sigma = float(model.get_model_object("model_sampling").sigma_max)

@@ -116,8 +116,8 @@ def video_first(q_kernel, text_q):
 
 
 def tokens_per_frame(fam):
-    """Video tokens per latent frame: spatial patch 2, except LTX-Video and HunyuanVideo 1.5 (patch 1)."""
-    return fam.size ** 2 if fam.id in ("ltxv", "hunyuan_video_15") else (fam.size // 2) ** 2
+    """Video tokens per latent frame: spatial patch 2, except LTX-Video, LTX-2 and HunyuanVideo 1.5 (patch 1)."""
+    return fam.size ** 2 if fam.id in ("ltxv", "ltx2", "hunyuan_video_15") else (fam.size // 2) ** 2
 
 
 @pytest.fixture
@@ -250,6 +250,7 @@ def test_cosmos1_scales_its_sequence_first_output_per_batch_element():
 PROJECTED = [
     ("wan22_ti2v_5b", "blocks.1.self_attn", "o"),
     ("ltxv", "transformer_blocks.1.attn1", "to_out"),
+    ("ltx2", "transformer_blocks.1.attn1", "to_out"),  # the video stream's self-attention
     ("cosmos_predict2", "blocks.1.self_attn", "output_proj"),
     ("kandinsky5", "visual_transformer_blocks.1.self_attention", "out_layer"),
 ]

@@ -122,10 +122,10 @@ def test_sum_follows_batch_rows_copied_between_blocks():
 GROWN = {"hunyuan_video": ("double_blocks", "single_blocks"), "hunyuan_video_15": ("double_blocks",),
          "cosmos_predict2": ()}
 # Where each family forms its self-attention input from the block's hidden state (ComfyUI code):
-# a module whose first argument is that state, or "rms" (LTX-Video: rms_norm(x) * (1 + scale) + shift,
-# a function, reproduced here).
+# a module whose first argument is that state, or "rms" (LTX-Video, LTX-2's video stream:
+# rms_norm(x) * (1 + scale) + shift, a function, reproduced here).
 ATTENTION_INPUT = {
-    "wan22_ti2v_5b": lambda p: "norm1", "ltxv": lambda p: "rms", "mochi": lambda p: "attn",
+    "wan22_ti2v_5b": lambda p: "norm1", "ltxv": lambda p: "rms", "ltx2": lambda p: "rms", "mochi": lambda p: "attn",
     "hunyuan_video": lambda p: "img_norm1" if p.startswith("double") else "pre_norm",
     "hunyuan_video_15": lambda p: "img_norm1", "cosmos_predict2": lambda p: "layer_norm_self_attn",
     "cosmos1": lambda p: "blocks.0.norm_state", "cogvideox": lambda p: "norm1", "kandinsky5": lambda p: "self_attention_norm",
@@ -195,6 +195,8 @@ class Naive:
     def _pre(self, i, block, g, mode):
         def hook(module, args, kwargs):
             h, name = _hidden(args, kwargs, block)
+            streams = h if isinstance(h, tuple) else None  # LTX-2's (video, audio): the rule acts on the video
+            h = h[0] if streams else h
             if i == 0:
                 self.video = h.shape[1] if h.ndim == 3 else None
                 self.start = self.last_video = None
@@ -207,6 +209,7 @@ class Naive:
                 mixed = full
             self.block_kwargs = kwargs
             if mode == "block input":
+                mixed = (mixed,) + streams[1:] if streams else mixed
                 if args:
                     return (mixed,) + args[1:], kwargs
                 return args, dict(kwargs, **{name: mixed})
@@ -232,10 +235,13 @@ class Naive:
         def hook(module, args, kwargs):
             h, mixed = self.pending
             self.pending = None
-            x, t = h, self.block_kwargs["timestep"]
+            x, t = h, self.block_kwargs.get("timestep")
             table = block.scale_shift_table
-            mod = table[None, None, :6] + t.reshape(x.shape[0], t.shape[1], table.shape[0], -1)[:, :, :6]
-            shift, scale = mod.unbind(dim=2)[:2]
+            if t is None:  # LTX-2: its video timestep is in a per-frame form the block expands itself
+                shift, scale = block.get_ada_values(table, x.shape[0], self.block_kwargs["v_timestep"], slice(0, 2))
+            else:
+                mod = table[None, None, :6] + t.reshape(x.shape[0], t.shape[1], table.shape[0], -1)[:, :, :6]
+                shift, scale = mod.unbind(dim=2)[:2]
             return (torch.nn.functional.rms_norm(mixed, mixed.shape[-1:], eps=1e-6) * (1 + scale) + shift,) + args[1:], kwargs
         return hook
 

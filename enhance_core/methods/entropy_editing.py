@@ -40,7 +40,7 @@ from ..sampling.entropy_registry import LayerSums, lowest
 from ..sampling.row_pairs import CondPairs
 from ..sampling.stage_handover import StageHandover
 from ..sampling.step_store import StepStore
-from ..sampling.trajectory import euler_cfg_step, invert_up, noise_for_start, starts_at_top
+from ..sampling.trajectory import as_sampled, euler_cfg_step, invert_up, noise_for_start, starts_at_top
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class EntropyEditing:
         return self.last_run
 
     def _new_run(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        if self.source_latent is not None and self.source_latent.shape[1:] != noise.shape[1:]:
+        if self.source_latent is not None and as_sampled(self.source_latent).shape[1:] != noise.shape[1:]:
             raise ValueError(f"source_latent: shape {tuple(self.source_latent.shape)} does not match the sampled latent "
                              f"{tuple(noise.shape)}; encode the source video at the size you sample")
         guider = executor.class_obj
@@ -218,7 +218,7 @@ class EntropyEditing:
         def predict(z, level):
             s = torch.full((z.shape[0],), level, device=z.device, dtype=sigmas.dtype)
             return self.runner.evaluate(model, [source], z, s, options)[0]
-        x = model.process_latent_in(self.source_latent.to(noise)).expand_as(noise).clone()
+        x = model.process_latent_in(as_sampled(self.source_latent).to(noise)).expand_as(noise).clone()
         start = invert_up(predict, x, sigmas, model.model_sampling, run.levels)
         top = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
         replaced = noise_for_start(model.model_sampling, sigmas[0], start, latent_image, top) if top else None

@@ -227,7 +227,8 @@ class FeatureAccumulation:
         def around(forward, *args, **kwargs):
             if not call.active:
                 return forward(*args, **kwargs)
-            h = args[0] if args else kwargs[hidden_name]
+            hidden = args[0] if args else kwargs[hidden_name]
+            h = hidden[0] if isinstance(hidden, tuple) else hidden  # LTX-2's (video, audio): the video is mixed
             span = call.video_span(h)
             if span is False:
                 return forward(*args, **kwargs)
@@ -237,7 +238,7 @@ class FeatureAccumulation:
             if gate is None or not acc.count:
                 out = forward(*args, **kwargs)
             elif self.mode == "block input":
-                out = self._run_on_block_input(forward, args, kwargs, hidden_name, layer, gate, h, span)
+                out = self._run_on_block_input(forward, args, kwargs, hidden_name, layer, gate, hidden, h, span)
             else:
                 out = self._run_on_attention_input(forward, args, kwargs, layer, gate, h, span)
             if record:
@@ -248,7 +249,7 @@ class FeatureAccumulation:
             return out
         return around
 
-    def _run_on_block_input(self, forward, args, kwargs, hidden_name, layer, gate, h, span):
+    def _run_on_block_input(self, forward, args, kwargs, hidden_name, layer, gate, hidden, h, span):
         acc = self.call.acc
         # When h is the previous block's output exactly as it left our hook (nothing between the
         # blocks made a new tensor of it), its only other holder is the model's loop variable,
@@ -257,6 +258,7 @@ class FeatureAccumulation:
         in_place = acc.last_output(layer - 1) is h and not (torch.is_grad_enabled() and h.requires_grad)
         mixed = acc.mix(video_of(h, span), gate, in_place)
         new = h if in_place else with_video(h, span, mixed)
+        new = (new,) + hidden[1:] if isinstance(hidden, tuple) else new
         del mixed
         if args:
             return forward(new, *args[1:], **kwargs)

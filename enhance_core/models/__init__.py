@@ -138,8 +138,8 @@ class FamilyAdapter:
 
 
 def _adapters() -> list[FamilyAdapter]:
-    from . import cogvideox, cosmos, hunyuan_video, kandinsky5, ltxv, mochi, wan
-    return [wan.ADAPTER, hunyuan_video.ADAPTER, ltxv.ADAPTER, mochi.ADAPTER, cosmos.PREDICT2_ADAPTER,
+    from . import cogvideox, cosmos, hunyuan_video, kandinsky5, ltx2, ltxv, mochi, wan
+    return [wan.ADAPTER, hunyuan_video.ADAPTER, ltx2.ADAPTER, ltxv.ADAPTER, mochi.ADAPTER, cosmos.PREDICT2_ADAPTER,
             cosmos.COSMOS1_ADAPTER, cogvideox.ADAPTER, kandinsky5.ADAPTER]
 
 

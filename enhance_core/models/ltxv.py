@@ -3,7 +3,7 @@
 Self-attention is `transformer_blocks.i.attn1`; its forward ends with the output projection
 `to_out`, before the block's gate and residual. Patch size 1: one token per latent pixel, frame-major.
 Guide frames (LTXVAddGuide appends their latents along time) are more video frames. LTX-2's
-audio-video model subclasses LTXVModel with a different latent layout and is not covered.
+audio-video model subclasses LTXVModel with another latent layout: ltx2.py is its adapter.
 """
 
 from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens

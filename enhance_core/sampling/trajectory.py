@@ -14,6 +14,12 @@ import comfy.utils
 from .ddim import ddim_inversion_step
 
 
+def as_sampled(samples):
+    """A LATENT's samples as ComfyUI's sampler holds them: an audio-video latent (a NestedTensor of
+    streams, LTX-2) packed into one [batch, 1, values] tensor as comfy.utils.pack_latents does it."""
+    return comfy.utils.pack_latents(samples.unbind())[0] if getattr(samples, "is_nested", False) else samples
+
+
 def starts_at_top(model_sampling, sigmas) -> bool:
     """Whether a run on `sigmas` starts at the top of the schedule (ComfyUI's max_denoise): a first
     stage, not one that continues another's latent."""
