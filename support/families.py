@@ -53,6 +53,9 @@ FAMILIES = [
     # Text features of 2 x 64: the video and audio halves the model's text connectors produce.
     Family("ltx2", "LTXAV", "LTXAV", "LTX-2", "ltx2", 128, 4, 128, {"attention_mask": "ones", "frame_rate": 25.0},
            requires="comfy.ldm.lightricks.av_model", av_latent="ltx2_av_latent"),
+    # Text-only token tags, as MiniMax H3's text encoder gives them for a prompt without images.
+    Family("minimax_h3", "MiniMaxH3", "MiniMaxH3", "MiniMax H3 (newer ComfyUI)", "minimax_h3", 24, 8, 512,
+           {"minimax_token_tags": "ones"}, requires="comfy.ldm.minimax.model", av_latent="minimax_h3_av_latent"),
 ]
 BY_ID = {f.id: f for f in FAMILIES}
 _models = {}
@@ -129,4 +132,15 @@ def ltx2_av_latent(video):
     import comfy.nested_tensor
     pixel_frames, frame_rate = (video.shape[2] - 1) * 8 + 1, 25.0
     audio = torch.zeros(video.shape[0], 8, round(pixel_frames / frame_rate * 25), 16)
+    return {"samples": comfy.nested_tensor.NestedTensor((video, audio))}
+
+
+def minimax_h3_av_latent(video):
+    """MiniMax H3's latent as EmptyMiniMaxH3LatentAV makes it: the video and a stereo audio latent
+    of 32 channels at 40 latents per second for the video's pixel frames at 24 frames per second
+    (latent frame k holds 1 pixel frame when k % 5 == 0, else 4)."""
+    import comfy.nested_tensor
+    from comfy.ldm.minimax.model import FRAME_PER_TOKEN
+    pixel_frames = sum(FRAME_PER_TOKEN[k % 5] for k in range(video.shape[2]))
+    audio = torch.zeros(video.shape[0], 32, 2, round(pixel_frames / 24 * 40))
     return {"samples": comfy.nested_tensor.NestedTensor((video, audio))}

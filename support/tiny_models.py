@@ -247,6 +247,24 @@ def kandinsky5() -> Path:
     return _cached("tiny_kandinsky5.safetensors", build)
 
 
+def minimax_h3() -> Path:
+    """MiniMax H3 layout: 2 DiT blocks and 1 token-refiner block of width 256 (2 heads of 128, what
+    ComfyUI infers from q_norm and qkv_proj), 24-channel video and 32-channel audio latents, text
+    features of 512 (the real model's Qwen3-VL states are 5120 wide). Newer ComfyUI only."""
+    def build():
+        import comfy.ops
+        from comfy.ldm.minimax.model import MiniMaxH3Model
+        return MiniMaxH3Model(hidden_size=256, num_layers=2, token_refiner_num_layers=1, num_attention_heads=2,
+                              attention_head_dim=128, ffn_hidden_size=512, text_dim=512, timestep_input_dim=256,
+                              time_embed_hidden_size=256, time_embed_dim=128, operations=comfy.ops.disable_weight_init)
+
+    def fix(model):
+        # rope.inv_freq is a buffer (init_weights sets parameters only): the usual geometric frequencies.
+        n = model.rope.inv_freq.shape[0]
+        model.rope.inv_freq.copy_(1.0 / 256.0 ** (torch.arange(n, dtype=torch.float32) / n))
+    return _cached("tiny_minimax_h3.safetensors", build, fix=fix)
+
+
 # LTX-2's sizes come from the checkpoint's "config" metadata, as in the released files; ComfyUI's
 # detection reads the block count, the video head width (32 heads) and the text width from the weights.
 LTX2_CONFIG = dict(in_channels=128, audio_in_channels=128, cross_attention_dim=256, attention_head_dim=8,

@@ -190,6 +190,7 @@ FAMILY_LAYERS = {
     "hunyuan_video": {0: "double_blocks.0", 1: "double_blocks.1", 2: "single_blocks.0", 3: "single_blocks.1"},
     "mochi": {0: "blocks.0.attn", 1: "blocks.1.attn"},
     "cogvideox": {0: "blocks.0", 1: "blocks.1"},
+    "minimax_h3": {0: "blocks.0.attn", 1: "blocks.1.attn"},
 }
 
 
@@ -201,7 +202,7 @@ def video_span(fam, model):
         # Up to 0.3.x the double blocks flip the streams (video first); newer ComfyUI dropped the flag: text first.
         first = bool(getattr(dm.double_blocks[0], "flipped_img_txt", False))
     else:
-        first = fam.id == "mochi"  # Mochi: video then text; CogVideoX: text then video
+        first = fam.id == "mochi"  # Mochi: video then text; CogVideoX: text then video; MiniMax H3: video last
     return lambda tokens: slice(0, video) if first else slice(tokens - video, tokens)
 
 
@@ -395,6 +396,7 @@ def test_context_windows_edit(wan21, order):
     pytest.param("hunyuan_video", 2, id="hunyuan_video_single_block"),
     pytest.param("mochi", 1, id="mochi"),
     pytest.param("cogvideox", 1, id="cogvideox"),
+    pytest.param("minimax_h3", 1, id="minimax_h3"),
 ])
 def test_joint_attention_video_rows_take_the_sources_map(fam_id, layer):
     """Families that attend over video and text tokens together: the map the edit must take from
@@ -403,8 +405,8 @@ def test_joint_attention_video_rows_take_the_sources_map(fam_id, layer):
     and uncond, the target's video rows of softmax(q k^T / sqrt(d)) must equal the source's in its
     own run. Measured on the broken code: largest difference of a probability 0.30 (HunyuanVideo
     double block), 0.15 (single block), 0.30 (Mochi), 0.23 (CogVideoX, ComfyUI 0.33)."""
-    if fam_id == "cogvideox":
-        load(BY_ID[fam_id])  # skips where this ComfyUI has no CogVideoX
+    if fam_id in ("cogvideox", "minimax_h3"):
+        load(BY_ID[fam_id])  # skips where this ComfyUI has no CogVideoX / MiniMax H3
     run = family_edit(fam_id, 8, 3.0)
     worst, checked = 0.0, 0
     for cond, at, _, (q, k), (ref_q, ref_k) in matched_calls(run["edited"], run["source"], (0, 1), run["sigmas"]):

@@ -329,36 +329,42 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     layouts): exactly one kernel call (the registered layer) returns V for the identity branch and one
     value per key-set for every query of the uniform branch, over the video tokens (text rows keep
     their attention) or the whole map; and the inspector at the same sigma and noise ranks the same
-    layer first with the same entropy."""
+    layer first with the same entropy. The uniform (cond 2) and identity (cond 3) branches may run
+    in one forward or, where the model takes one batch element per call (MiniMax H3), in two."""
     model = load(fam)
     g = EntropyGuidance(model, 2.0, attention_map=attention_map)
     guided = g.clone.clone()
-    calls = []
+    branch = {}  # (layer, cond) -> (kernel output, V in the output's layout, token dim, map span, seq_len)
 
     def record(call):
         q, v, heads, kwargs = call.q, call.v, call.heads, call.kwargs
         out = call.run()
         groups = kwargs["transformer_options"].get("cond_or_uncond") or []
-        if 3 in groups:
-            per = q.shape[0] // len(groups)
-            seq = -2 if kwargs.get("skip_output_reshape") else 1
-            seq_len = out.shape[seq]
-            start, stop = call.map_span(attention_map) or (0, seq_len)
-            part = lambda t, c, a=start, b=stop: t[groups.index(c) * per:(groups.index(c) + 1) * per].narrow(seq, a, b - a)  # noqa: E731
-            replaced = (torch.equal(part(out, 3), part(_as_output_layout(v, heads, kwargs), 3)),
-                        bool((part(out, 2) - part(out, 2).narrow(seq, 0, 1)).abs().max() < 1e-5))
-            if replaced == (True, True) and stop - start < seq_len:
-                # Text rows keep the original attention: the same in both branches (same input), and
-                # not the identity's V.
-                a, b = (0, start) if start > 0 else (stop, seq_len)
-                torch.testing.assert_close(part(out, 2, a, b), part(out, 3, a, b), rtol=1e-4, atol=1e-5)
-                assert not torch.allclose(part(out, 3, a, b), part(_as_output_layout(v, heads, kwargs), 3, a, b))
-            calls.append(replaced)
+        per = q.shape[0] // max(len(groups), 1)
+        seq = -2 if kwargs.get("skip_output_reshape") else 1
+        for c in (2, 3):
+            if c in groups:
+                rows = slice(groups.index(c) * per, (groups.index(c) + 1) * per)
+                assert (call.layer, c) not in branch
+                branch[call.layer, c] = (out[rows], _as_output_layout(v, heads, kwargs)[rows], seq,
+                                         call.map_span(attention_map) or (0, out.shape[seq]), out.shape[seq])
         return out
     SelfAttentionLayers(guided, adapter_for(guided), "test_recorder", "test recorder").route(range(g.n_layers), record)
     latent = family_latent(fam)
     out = flat(ksample(guided, latent, conditioning(fam, 1), conditioning(fam, 2), steps=1, cfg=3.0))
     assert torch.isfinite(out).all()
+    calls = []
+    for layer in sorted({layer for layer, _ in branch}):
+        (out2, _, seq, (start, stop), seq_len), (out3, v3, _, _, _) = branch[layer, 2], branch[layer, 3]
+        part = lambda t, a=start, b=stop: t.narrow(seq, a, b - a)  # noqa: E731
+        replaced = (torch.equal(part(out3), part(v3)), bool((part(out2) - part(out2).narrow(seq, 0, 1)).abs().max() < 1e-5))
+        if replaced == (True, True) and stop - start < seq_len:
+            # Other rows (text, audio) keep the original attention: the same in both branches (same
+            # input), and not the identity's V.
+            a, b = (0, start) if start > 0 else (stop, seq_len)
+            torch.testing.assert_close(part(out2, a, b), part(out3, a, b), rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(part(out3, a, b), part(v3, a, b))
+        calls.append(replaced)
     assert len(g.last_run.registered) == 1 and calls.count((True, True)) == 1 and all(c == (False, False) for c in calls if c != (True, True))
     first_sigma = float(model.get_model_object("model_sampling").sigma_max)
     report = inspect_attention(model, latent, conditioning(fam, 1), first_sigma, seed=0, attention_map=attention_map)

@@ -21,7 +21,7 @@ from freevideo.enhance_core.methods.feature_accumulation import (GroupAccumulato
 from freevideo.enhance_core.models import adapter_for
 from support import tiny_models
 from support.deep_clones import concurrent_calls_match_alone, deep_clone_acts_on_its_own_weights, fresh_wan, needs_deep_clones, one_call
-from support.families import FAMILIES
+from support.families import FAMILIES, FRAMES
 from support.families import sample as family_sample
 from support.sampling import ksample, text_conditioning, video_latent
 
@@ -129,6 +129,7 @@ ATTENTION_INPUT = {
     "hunyuan_video": lambda p: "img_norm1" if p.startswith("double") else "pre_norm",
     "hunyuan_video_15": lambda p: "img_norm1", "cosmos_predict2": lambda p: "layer_norm_self_attn",
     "cosmos1": lambda p: "blocks.0.norm_state", "cogvideox": lambda p: "norm1", "kandinsky5": lambda p: "self_attention_norm",
+    "minimax_h3": lambda p: "norm1",
 }
 
 
@@ -180,10 +181,15 @@ class Naive:
                     self.handles.append(block.get_submodule(where).register_forward_pre_hook(self._swap_input))
         self.pending = None
         self.block_kwargs = None
+        # MiniMax H3's state is one packed [rows, channels] sequence whose last rows are the target
+        # video (FRAMES frames of (size / 2)^2 rows); text, audio and the rest are left alone.
+        self.video_rows = FRAMES * (fam.size // 2) ** 2 if fam.id == "minimax_h3" else None
 
     def _video(self, t):
         """Video tokens of a hidden state: joint HunyuanVideo single-block sequences hold text too;
         where, is found where the last video-only output reappears in the first joint input."""
+        if self.video_rows is not None:
+            return t[-self.video_rows:], t.shape[0] - self.video_rows
         if t.ndim == 3 and self.video is not None and t.shape[1] != self.video:
             if self.start is None:
                 first = torch.equal(t[:, :self.video], self.last_video)
@@ -205,7 +211,7 @@ class Naive:
             mixed = g * torch.stack(self.cache).mean(0) + (1 - g) * v
             if start is not None:
                 full = h.clone()
-                full[:, start:start + v.shape[1]] = mixed
+                full[..., start:start + v.shape[-2], :] = mixed
                 mixed = full
             self.block_kwargs = kwargs
             if mode == "block input":
@@ -314,8 +320,10 @@ def test_layer_inputs_equal_the_naive_rule(fam, mode, family_models):
     naive = Naive(fam, model, gates, m, mode)
     want_inputs, want_kernels, want_out = run(model, naive)
     got_inputs, got_kernels, got_out = run(apply_feature_accumulation(model, gate_text, m, mode))
-    assert len(got_inputs) == len(want_inputs) == n
-    for i, (got, want, plain) in enumerate(zip(got_inputs, want_inputs, plain_inputs)):
+    # n per model call: one call, or one per cond where the model takes one batch element (MiniMax H3).
+    assert len(got_inputs) == len(want_inputs) == len(plain_inputs) and len(got_inputs) % n == 0
+    for j, (got, want, plain) in enumerate(zip(got_inputs, want_inputs, plain_inputs)):
+        i = j % n
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda s: f"layer {i}: {s}")
         if i >= 2 and i % m != 1:  # the layers whose cache holds more than their own input
             assert not torch.allclose(got, plain, rtol=1e-4, atol=1e-5), f"layer {i} was not mixed"

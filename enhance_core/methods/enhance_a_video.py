@@ -29,14 +29,18 @@ log = logging.getLogger(__name__)
 
 
 def _scale_video_(tokens: torch.Tensor, scale: torch.Tensor, span: tuple[int, int, int], seq_first: bool = False) -> torch.Tensor:
-    """Multiply the video tokens of tokens [B, L, ...] ([L, B, ...] when seq_first) by scale [B], in
-    place: the product is computed in float32 and stored in the tokens' dtype, so a bf16 model gets
-    the exact scale without a float32 copy of the output.
+    """Multiply the video tokens of tokens [B, L, ...] ([L, B, ...] when seq_first, or [L, C] from a
+    model that runs one batch element without its dimension) by scale [B], in place: the product is
+    computed in float32 and stored in the tokens' dtype, so a bf16 model gets the exact scale
+    without a float32 copy of the output.
 
     span = (start, stop, seq_len) of the video tokens in the attention call's sequence: a tensor of
     seq_len tokens (joint attention output) is scaled on [start, stop), one of stop - start tokens
     (video only) everywhere."""
-    view = tokens.transpose(0, 1) if seq_first else tokens
+    if seq_first:
+        view = tokens.unsqueeze(0) if tokens.ndim == 2 else tokens.transpose(0, 1)
+    else:
+        view = tokens
     start, stop, seq_len = span
     if view.shape[1] == seq_len:
         view = view[:, start:stop]

@@ -23,7 +23,8 @@ class AttentionSite:
     # attention whose projection also carries the text tokens (CogVideoX), only the video tokens of
     # the output are scaled.
     output: str | None
-    # The output is [tokens, batch, channels] instead of [batch, tokens, channels] (Cosmos 1.0).
+    # The output is [tokens, batch, channels] instead of [batch, tokens, channels] (Cosmos 1.0), or
+    # [tokens, channels] from a model that runs one batch element without its dimension (MiniMax H3).
     output_seq_first: bool = False
     # The module in whose forward `output`'s result goes through a scale-invariant RMS norm before
     # the gate and the residual (Mochi's sandwich norm): a plain scale of `output` would cancel, so
@@ -108,6 +109,8 @@ class FamilyAdapter:
     # Block name of ComfyUI's block-replace points (patches_replace["dit"][(name, i)]) where block i
     # holds self-attention layer i, so branches can share the blocks before the layer they change.
     prefix_blocks = None
+    # The most batch elements one model call takes, where the model limits it (None: no limit).
+    max_batch = None
 
     def prefix_points(self, diffusion_model) -> list[tuple[str, int]] | None:
         """ComfyUI's block-replace points (patches_replace["dit"] keys) in self-attention layer
@@ -138,9 +141,9 @@ class FamilyAdapter:
 
 
 def _adapters() -> list[FamilyAdapter]:
-    from . import cogvideox, cosmos, hunyuan_video, kandinsky5, ltx2, ltxv, mochi, wan
+    from . import cogvideox, cosmos, hunyuan_video, kandinsky5, ltx2, ltxv, minimax_h3, mochi, wan
     return [wan.ADAPTER, hunyuan_video.ADAPTER, ltx2.ADAPTER, ltxv.ADAPTER, mochi.ADAPTER, cosmos.PREDICT2_ADAPTER,
-            cosmos.COSMOS1_ADAPTER, cogvideox.ADAPTER, kandinsky5.ADAPTER]
+            cosmos.COSMOS1_ADAPTER, cogvideox.ADAPTER, kandinsky5.ADAPTER, minimax_h3.ADAPTER]
 
 
 def supported_families() -> list[str]:

@@ -23,20 +23,21 @@ class CallState(threading.local):
 
     def video_span(self, t):
         """The video tokens of a hidden state t of this call: None (all of it), a (start, stop) pair
-        on dim 1 of a joint [batch, tokens, channels] sequence, or False (no whole frames: not a
+        on the token dim (-2) of a joint [batch, tokens, channels] sequence or of an unbatched
+        [tokens, channels] one (MiniMax H3's packed sequence), or False (no whole frames: not a
         video call)."""
-        if self.layout is None or t.ndim != 3:
-            return None  # one stream of video tokens ([B, L, C]) or a 5-D grid (Cosmos)
-        found = self.layout.video_tokens(t.shape[1])
+        if self.layout is None or t.ndim not in (2, 3):
+            return None  # a 5-D grid (Cosmos)
+        found = self.layout.video_tokens(t.shape[-2])
         if found is None:
             return False
         start, stop, _ = found
-        return None if (start, stop) == (0, t.shape[1]) else (start, stop)
+        return None if (start, stop) == (0, t.shape[-2]) else (start, stop)
 
 
 def video_of(t, span):
     """The video tokens of t at `span` (CallState.video_span): a view."""
-    return t if span is None else t[:, span[0]:span[1]]
+    return t if span is None else t[..., span[0]:span[1], :]
 
 
 def with_video(t, span, video):
@@ -45,7 +46,7 @@ def with_video(t, span, video):
     if span is None:
         return video
     out = t.clone()
-    out[:, span[0]:span[1]] = video
+    out[..., span[0]:span[1], :] = video
     return out
 
 

@@ -9,6 +9,10 @@ latent), swapped in for its batch elements just before the model runs (APPLY_MOD
 
 A branch that copies one of the step's conds (`copy_of`) may share the blocks before the first one
 it changes with that cond (shared_prefix.py reads the call plan's `prefix`).
+
+Where the family's model takes one batch element per forward (its adapter's `max_batch` is 1:
+MiniMax H3), ComfyUI would still batch a branch with the cond it copies (equal conditioning): each
+cond then goes to calc_cond_batch on its own, so every forward holds one.
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 
+from ..models import adapter_for
 from ..patching.attention_call import cond_of_rows
 from ..patching.attention_slot import apply_model_options
 
@@ -54,6 +59,7 @@ class BranchRunner:
 
     def __init__(self, clone, key: str, step):
         self.key = key
+        self.one_per_forward = adapter_for(clone).max_batch == 1
         # A calc function set before ours (another node's) evaluates the step's own conds.
         self.previous = clone.model_options.get("sampler_calc_cond_batch_function")
         # A closure, not a bound method: ComfyUI copies model_options on every clone.
@@ -72,7 +78,14 @@ class BranchRunner:
                         (prefix_until, copies) if prefix_until and copies else None, payload)
         options = model_options.copy()
         options["transformer_options"] = dict(options.get("transformer_options", {}), **{self.key: plan})
-        return comfy.samplers.calc_cond_batch(model, list(conds) + [b.cond for b in branches], x, sigma, options)
+        every = list(conds) + [b.cond for b in branches]
+        if not self.one_per_forward:
+            return comfy.samplers.calc_cond_batch(model, every, x, sigma, options)
+        # In cond order, each alone (its index kept: the plan's roles are by index); a None cond
+        # gives zeros, as calc_cond_batch gives it.
+        return [torch.zeros_like(x) if c is None else
+                comfy.samplers.calc_cond_batch(model, [c if j == i else None for j in range(len(every))], x, sigma, options)[i]
+                for i, c in enumerate(every)]
 
     def run(self, args, branches=(), measure=False, base=True, prefix_until=None, payload=None):
         """One step's evaluations: its own conds (when `base`) and the branches, in one call where
@@ -103,6 +116,8 @@ class BranchRunner:
         """run(args, branches) with the branches whose cond index (after the step's conds) is in
         `first` evaluated before everything else, on their own. Returns what run returns."""
         n = len(args["conds"])
+        if self.one_per_forward:  # every branch runs in a forward of its own anyway
+            first = set(range(n, n + len(branches)))
         early = [b if n + j in first else dataclasses.replace(b, cond=None) for j, b in enumerate(branches)]
         rest = [dataclasses.replace(b, cond=None) if n + j in first else b for j, b in enumerate(branches)]
         before = self.run(args, early, base=False, payload=payload)[1] if first else None
