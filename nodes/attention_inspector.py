@@ -16,8 +16,10 @@ class AttentionInspector(io.ComfyNode):
                 "in Video Diffusion Models' (in orange: the layers IE-Adapt Entropy Guidance would register) and the "
                 "cross-frame intensity of 'Enhance-A-Video: Better Generated Video for Free', from one conditional "
                 "model call. Connect the same model, latent and prompt as the sampler, with sigma at the schedule's "
-                "first sigma to see what the guidance's 'auto' registers. Use it to choose layers for the guidance, "
-                "to see which layers editing would replace, or for other layer-targeted guidance."
+                "first sigma to see what the guidance's 'auto' registers. Its 'layers' output is that choice (the top_k "
+                "highest-entropy layers) as a list for FreeVideo nodes' 'layers' inputs; 'double_layers' and "
+                "'single_layers' are the same layers as the blocks SkipLayerGuidanceDiT skips. Use it to choose layers "
+                "for the guidance, to see which layers editing would replace, or for other layer-targeted guidance."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The video model to inspect (cloned; the input stays untouched)."),
@@ -31,7 +33,8 @@ class AttentionInspector(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the noise added to the latent at sigma."),
                 io.Int.Input("top_k", default=1, min=1, max=200, **EXPERT,
-                             tooltip="How many highest-entropy layers to highlight (the guidance node's top_k)."),
+                             tooltip="How many highest-entropy layers to highlight and put in the layer lists (the "
+                                     "guidance node's top_k; 1, as the paper registers one layer)."),
                 io.Int.Input("entropy_rows", default=0, min=0, max=65536, **EXPERT,
                              tooltip="0 (default): exact entropy. A number such as 512: the estimate from that many query "
                                      "rows per head (as in the guidance node), for very long videos."),
@@ -43,10 +46,23 @@ class AttentionInspector(io.ComfyNode):
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar charts of entropy and CFI per self-attention layer."),
                 io.String.Output(display_name="report", tooltip="The same values as a text table."),
+                io.String.Output(display_name="layers",
+                                 tooltip="The top_k highest-entropy layers, as the guidance registers them, as "
+                                         "comma-separated indices (e.g. '3, 7'): wire it to a FreeVideo node's 'layers' "
+                                         "input (convert the widget to an input). Layers are numbered as in the chart; "
+                                         "for HunyuanVideo the double-stream blocks come first, then the single-stream ones."),
+                io.String.Output(display_name="double_layers",
+                                 tooltip="The same layers as SkipLayerGuidanceDiT numbers its double_layers: the "
+                                         "('double_block', i) blocks holding them (Wan, LTX-Video, Mochi: every layer; "
+                                         "HunyuanVideo: the double-stream blocks). Empty where none is such a block."),
+                io.String.Output(display_name="single_layers",
+                                 tooltip="The same layers as SkipLayerGuidanceDiT numbers its single_layers: the "
+                                         "('single_block', i) blocks holding them (HunyuanVideo's single-stream blocks, "
+                                         "counted from 0). Empty where none is such a block (Wan and most other families)."),
             ],
         )
 
     @classmethod
     def execute(cls, model, latent, positive, sigma, seed, top_k, entropy_rows, attention_map="video tokens") -> io.NodeOutput:
         report = inspect_attention(model, latent, positive, sigma, seed, entropy_rows, top_k, attention_map)
-        return io.NodeOutput(render_chart(report), report.table())
+        return io.NodeOutput(render_chart(report), report.table(), report.layer_list(), *report.slg_layers())

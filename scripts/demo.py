@@ -474,7 +474,7 @@ def main(argv=None):
     if "FreeVideoAttentionInspector" in classes:
         t0 = time.time()
         chart, inspector_table = classes["FreeVideoAttentionInspector"].execute(
-            model, empty_latent(), conditioning(PROMPTS[0]), 1.0, 0, 1, 0, "video tokens").result
+            model, empty_latent(), conditioning(PROMPTS[0]), 1.0, 0, 1, 0, "video tokens").result[:2]
         (out / "attention_inspector").mkdir()
         write_png(out / "attention_inspector" / "chart.png", (chart[0].clamp(0, 1) * 255).round().to(torch.uint8))
         timings["attention inspector"] = time.time() - t0

@@ -287,6 +287,51 @@ def test_inspector_reports_every_layer_exactly(wan21):
     assert one_frame.cfi == [None] * 4 and render_chart(one_frame).shape[-1] == 3
 
 
+def slg_parsed(model, double: str, single: str) -> tuple[list[int], list[int]]:
+    """The block numbers ComfyUI's own SkipLayerGuidanceDiT reads from its two layer inputs (as its
+    post-CFG function holds them)."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+    out = SkipLayerGuidanceDiT.execute(model, scale=3.0, start_percent=0.0, end_percent=1.0,
+                                       double_layers=double, single_layers=single)
+    patched = out.result[0] if hasattr(out, "result") else out[0]
+    (fn,) = patched.model_options["sampler_post_cfg_function"]
+    held = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    return held["double_layers"], held["single_layers"]
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_inspector_layer_lists_are_the_top_k_and_both_parsers_read_them(wan21, top_k):
+    """The node's layer list is the top_k of the report's own entropies (highest first, ties to the
+    lower index), reads back as the same layers with our parser and with SkipLayerGuidanceDiT's, and on
+    Wan every layer is the ("double_block", i) block SLG skips."""
+    from freevideo.enhance_core.patching.layer_lists import parse_layer_list
+    from freevideo.nodes.attention_inspector import AttentionInspector
+    report = inspect_attention(wan21, video_latent(frames=5), POS, sigma=1.0, seed=3, top_k=top_k)
+    _, table, layers, double, single = AttentionInspector.execute(wan21, video_latent(frames=5), POS, 1.0, 3, top_k, 0).result
+    want = sorted(sorted(range(4), key=lambda i: (-report.entropy[i], i))[:top_k])
+    assert layers == ", ".join(map(str, want)) and double == layers and single == ""
+    assert parse_layer_list(layers, 4, "layers") == want
+    assert slg_parsed(wan21, double, single) == (want, [])
+    assert report.blocks == [("double_block", i) for i in range(4)]
+    assert f"double_layers '{layers}', single_layers ''" in table
+
+
+def test_inspector_maps_hunyuan_video_layers_to_double_and_single_blocks():
+    """HunyuanVideo: our layers are the double blocks then the single blocks; SLG numbers each kind
+    from 0. The mapping is read from the model's block-replace points in the inspector's evaluation."""
+    import dataclasses
+    from support.families import BY_ID
+    fam = BY_ID["hunyuan_video"]
+    model = load(fam)
+    report = inspect_attention(model, family_latent(fam), conditioning(fam, 1), 1.0, seed=0, top_k=1)
+    assert report.blocks == [("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)]
+    every = dataclasses.replace(report, top=[0, 2, 3])
+    assert every.layer_list() == "0, 2, 3" and every.slg_layers() == ("0", "0, 1")
+    assert slg_parsed(model, *every.slg_layers()) == ([0], [0, 1])
+    none = dataclasses.replace(report, blocks=[None] * 4)
+    assert none.slg_layers() == ("", "") and "its outputs are empty" in none.table()
+
+
 def test_inspector_bad_input(wan21):
     with pytest.raises(ValueError, match="sigma: 5.0 is outside"):
         inspect_attention(wan21, video_latent(), POS, 5.0)
@@ -304,8 +349,9 @@ def test_nodes_have_tooltips_and_run(wan21):
         assert all(i.tooltip for i in schema.inputs), node
     out = GuidanceNode.execute(wan21, 1.0, "uniform", "identity", "auto", 1, 512, 0.0, 1.0)
     assert out.result[0] is not wan21
-    image, table = AttentionInspector.execute(wan21, video_latent(), POS, 1.0, 0, 1, 512).result
+    image, table, layers, double, single = AttentionInspector.execute(wan21, video_latent(), POS, 1.0, 0, 1, 512).result
     assert image.ndim == 4 and "layer" in table
+    assert len(layers.split(",")) == 1 and double == layers and single == ""
     assert set(PAIRS) == {("uniform", "identity"), ("original", "identity"), ("uniform", "original")}
 
 
@@ -370,6 +416,11 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     report = inspect_attention(model, latent, conditioning(fam, 1), first_sigma, seed=0, attention_map=attention_map)
     assert report.top == g.last_run.registered
     assert report.entropy == pytest.approx([g.last_run.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
+    # The block each layer runs in, as SkipLayerGuidanceDiT numbers it, agrees with the adapter's own
+    # block-replace points where it names them (LTX-2 has points it leaves unnamed).
+    points = adapter_for(model).prefix_points(model.get_model_object("diffusion_model"))
+    if points is not None:
+        assert report.blocks == points
 
 
 @pytest.mark.families

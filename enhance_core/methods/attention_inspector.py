@@ -5,9 +5,16 @@ self-attention map, conditional batch elements; attention_entropy.py) and Enhanc
 frame intensity (mean off-diagonal temporal attention over the video tokens; cross_frame_intensity.py).
 The evaluation is one real ComfyUI sampler call at the given sigma (noise scaled onto the latent by
 the model's own model_sampling), so conditioning, latent format and patches are the ones sampling uses.
+
+The layers the guidance would register (the top_k highest entropy) also come out as layer lists a
+graph can wire: in our numbering for our nodes' `layers` inputs, and as the block numbers ComfyUI's
+SkipLayerGuidanceDiT skips. Those are the model's block-replace points (patches_replace["dit"]
+[("double_block" | "single_block", j)]); which point holds which self-attention layer is read from
+the same evaluation, not assumed per family.
 """
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +40,32 @@ class AttentionReport:
     top: list  # the layers IE-Adapt's registry would pick (top_k highest entropy)
     exact: bool
     attention_map: str  # "video tokens" or "whole map": what the entropy was measured over
+    # per layer, the block-replace point (kind, j) its self-attention ran inside, or None
+    blocks: list
+
+    def layer_list(self) -> str:
+        """The registered layers as our nodes' `layers` inputs read them: plain comma-separated
+        indices, never ranges (SkipLayerGuidanceDiT reads every number in its text: "7-9" would be 7
+        and 9 there)."""
+        return ", ".join(map(str, self.top))
+
+    def slg_layers(self) -> tuple[str, str]:
+        """(double_layers, single_layers) for SkipLayerGuidanceDiT: the blocks holding the registered
+        layers; a layer outside any block-replace point is left out (SLG cannot skip it)."""
+        points = {self.blocks[i] for i in self.top if self.blocks[i] is not None}
+        return tuple(", ".join(str(j) for k, j in sorted(points) if k == kind) for kind in SLG_BLOCKS)
+
+    def slg_note(self) -> str:
+        """What SkipLayerGuidanceDiT receives, and which registered layers it cannot reach."""
+        double, single = self.slg_layers()
+        missing = [i for i in self.top if self.blocks[i] is None]
+        if len(missing) == len(self.top):
+            return ("SkipLayerGuidanceDiT: none of these layers is inside a block it can skip (this model has no "
+                    "block-replace points there); its outputs are empty")
+        note = f"SkipLayerGuidanceDiT: double_layers '{double}', single_layers '{single}'"
+        if missing:
+            note += f"; layer(s) {', '.join(map(str, missing))} not inside a block it can skip, left out"
+        return note
 
     def lowest(self, ratio: float) -> list:
         """The layers IE-Adapt editing would choose with this pass as its source: the lowest `ratio`."""
@@ -41,13 +74,40 @@ class AttentionReport:
     def table(self) -> str:
         lines = [f"sigma {self.sigma:.4g}; entropy {'exact' if self.exact else 'sampled estimate'} over {self.attention_map}; "
                  f"IE-Adapt top {len(self.top)}: {', '.join(map(str, self.top))}",
+                 f"layers output (FreeVideo nodes' layers inputs): {self.layer_list()}",
+                 self.slg_note(),
                  f"IE-Adapt editing at ratio 0.5 (this prompt and latent as the source) replaces layers: "
                  f"{', '.join(map(str, self.lowest(0.5)))}",
-                 "layer  entropy  CFI"]
-        for i, (e, c) in enumerate(zip(self.entropy, self.cfi)):
+                 "layer  entropy  CFI     SLG block"]
+        for i, (e, c, b) in enumerate(zip(self.entropy, self.cfi, self.blocks)):
             mark = "  <- registered" if i in self.top else ""
-            lines.append(f"{i:5d}  {e:7.4f}  {'n/a' if c is None else f'{c:.4f}'}{mark}")
+            block = "-" if b is None else f"{b[0].split('_')[0]} {b[1]}"
+            lines.append(f"{i:5d}  {e:7.4f}  {'n/a   ' if c is None else f'{c:.4f}'}  {block:9s}{mark}".rstrip())
         return "\n".join(lines)
+
+
+# The block kinds of ComfyUI's block-replace points, as SkipLayerGuidanceDiT's double_layers and
+# single_layers number them.
+SLG_BLOCKS = ("double_block", "single_block")
+
+
+def _stamp_block_points(clone, count: int) -> threading.local:
+    """Wrap the block-replace points ("double_block" | "single_block", 0..count-1) of the clone so
+    that code running inside a block sees its point in `.point` of the returned per-thread object. A
+    model calls a point only where it has one; an entry already there (another node's) still runs,
+    inside ours."""
+    current = threading.local()
+    dit = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for kind in SLG_BLOCKS:
+        for j in range(count):
+            def stamp(args, extra, point=(kind, j), inner=dit.get((kind, j))):
+                outer, current.point = getattr(current, "point", None), point
+                try:
+                    return inner(args, extra) if inner is not None else extra["original_block"](args)
+                finally:
+                    current.point = outer
+            clone.set_model_patch_replace(stamp, "dit", kind, j)
+    return current
 
 
 def _one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -94,8 +154,10 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector")
     entropy_sums, cfi_sums = LayerSums(), LayerSums()
     progress = comfy.utils.ProgressBar(n_layers)
+    block_point, blocks = _stamp_block_points(clone, n_layers), {}
 
     def measure(call):
+        blocks.setdefault(call.layer, getattr(block_point, "point", None))
         cond = call.rows(0)
         if cond:
             video = call.video
@@ -123,7 +185,8 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     entropy = [entropies[i] for i in range(n_layers)]
     cfi = [cfis.get(i) for i in range(n_layers)]
     top = highest(entropies, top_k)
-    return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map)
+    return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map,
+                           [blocks.get(i) for i in range(n_layers)])
 
 
 # chart --------------------------------------------------------------------------------------------
