@@ -53,9 +53,11 @@ def test_bad_layer_list(wan21, layers, message):
         apply_enhance_a_video(wan21, 4.0, layers=layers)
 
 
-def test_scale_inside_the_model_equals_the_official_formula(wan21):
+@pytest.mark.parametrize("reference", [0, 3])
+def test_scale_inside_the_model_equals_the_official_formula(wan21, reference):
     """Layer 1 of a real sampling step: its self-attention output (after the projection) equals the
-    projected kernel output times the naive official scale, per batch element (cond and uncond)."""
+    projected kernel output times the naive official scale, per batch element (cond and uncond).
+    With reference_latent_frames R, the weight in that formula is weight * F / R."""
     from freevideo.enhance_core.patching.attention_slot import add_attention_override
     from support.reference import naive_scale
 
@@ -67,7 +69,7 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
         kernel_calls.append((q, k, out, heads))
         return out
     add_attention_override(recorder, "test_recorder", record)
-    patched = apply_enhance_a_video(recorder, weight=6.0, layers="1")
+    patched = apply_enhance_a_video(recorder, weight=6.0, layers="1", reference_latent_frames=reference)
 
     self_attn = wan21.get_model_object("diffusion_model.blocks.1.self_attn")
     outputs = []
@@ -83,7 +85,8 @@ def test_scale_inside_the_model_equals_the_official_formula(wan21):
     assert q.shape[0] == 2
     b, n, _ = q.shape
     frames = 5
-    want_scale = naive_scale(q.view(b, n, heads, -1), k.view(b, n, heads, -1), frames, 6.0)
+    weight = 6.0 if reference == 0 else 6.0 * frames / reference
+    want_scale = naive_scale(q.view(b, n, heads, -1), k.view(b, n, heads, -1), frames, weight)
     assert want_scale.min() > 1.0 and not torch.equal(want_scale[0], want_scale[1])
     projected = torch.nn.functional.linear(attn, self_attn.o.weight, self_attn.o.bias)
     torch.testing.assert_close(outputs[0], projected * want_scale.view(-1, 1, 1), rtol=1e-5, atol=1e-6)
@@ -129,3 +132,33 @@ def test_patched_clone_built_after_another_clone_sampled(wan21):
     b = apply_enhance_a_video(wan21, weight=40.0)
     assert torch.equal(sample(b), first)
     assert torch.equal(sample(a), first)
+
+
+@pytest.mark.parametrize("frames", [2, 5, 9, 21])
+def test_per_length_weight_keeps_the_even_attention_scale(frames):
+    """Evenly spread temporal attention (all logits equal: CFI = 1/F): the paper's scale is
+    1 + weight / F, the per-length rule's 1 + weight / R at every F."""
+    from freevideo.enhance_core.measures.cross_frame_intensity import enhance_scale
+    from freevideo.enhance_core.methods.enhance_a_video import weight_for_length
+    q = torch.zeros(2, frames * 3, 2, 8)
+    k = torch.randn(2, frames * 3, 2, 8, generator=torch.Generator().manual_seed(frames))
+    torch.testing.assert_close(enhance_scale(q, k, frames, weight_for_length(4.0, frames, 0)),
+                               torch.full((2,), 1 + 4.0 / frames), rtol=1e-6, atol=0)
+    torch.testing.assert_close(enhance_scale(q, k, frames, weight_for_length(4.0, frames, 21)),
+                               torch.full((2,), 1 + 4.0 / 21), rtol=1e-6, atol=0)
+
+
+def test_per_length_weight_off_or_at_its_reference_is_bit_identical(wan21):
+    """0 is today's node; a reference equal to the clip's latent frame count uses the weight as given."""
+    def one_step(**kw):
+        return sample(apply_enhance_a_video(wan21, weight=40.0, **kw), steps=1)
+    today = one_step()
+    assert torch.equal(one_step(reference_latent_frames=0), today)
+    assert torch.equal(one_step(reference_latent_frames=5), today)
+    assert not torch.equal(one_step(reference_latent_frames=9), today)
+
+
+@pytest.mark.parametrize("reference", [-1, 2.5, True])
+def test_bad_reference_latent_frames(wan21, reference):
+    with pytest.raises(ValueError, match="reference_latent_frames"):
+        apply_enhance_a_video(wan21, 4.0, reference_latent_frames=reference)
