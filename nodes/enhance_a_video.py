@@ -27,7 +27,8 @@ class EnhanceAVideo(io.ComfyNode):
                                        "Official code: 4 for Wan, HunyuanVideo and LTX-Video (3.4 for CogVideoX), meant "
                                        "for long clips: with even temporal attention the scale is 1 + weight / latent "
                                        "frames. Our recommendation: about latent frames / 5 (Wan or HunyuanVideo: 81 "
-                                       "frames 4, 33 frames 2, 17 frames 1; LTX-Video: 121 frames 3, 49 frames 1.5)."),
+                                       "frames 4, 33 frames 2, 17 frames 1; LTX-Video: 121 frames 3, 49 frames 1.5), or "
+                                       "set reference_latent_frames to keep one weight's strength at any length."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, **EXPERT,
                                tooltip="Fraction of the sampling run (0 = first step) where the enhancement starts."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, **EXPERT,
@@ -37,10 +38,20 @@ class EnhanceAVideo(io.ComfyNode):
                                         "(HunyuanVideo counts double-stream blocks first, then single-stream blocks). "
                                         "Wan 1.3B and 5B: 0-29, Wan 14B: 0-39, HunyuanVideo 1.0: 0-59, LTX-Video 2B: "
                                         "0-27; the Attention Inspector charts every layer."),
+                # Optional and last: graphs saved before it existed load with it off, their widget
+                # values in place.
+                io.Int.Input("reference_latent_frames", default=0, min=0, max=10000, optional=True,
+                             tooltip="0 (default): weight acts as in the paper, so one weight is stronger on short "
+                                     "clips (with evenly spread temporal attention the scale is 1 + weight / latent "
+                                     "frames). N > 0: weight is the strength at N latent frames and is scaled with "
+                                     "the clip's length (weight x frames / N), so the scale stays about 1 + weight / N "
+                                     "at any length. 21 = 81 frames of Wan or HunyuanVideo (4 video frames per latent "
+                                     "frame; LTX-Video: 8), where the official weight 4 suits."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, weight, start_percent, end_percent, layers) -> io.NodeOutput:
-        return io.NodeOutput(apply_enhance_a_video(model, weight, start_percent, end_percent, layers))
+    def execute(cls, model, weight, start_percent, end_percent, layers, reference_latent_frames=0) -> io.NodeOutput:
+        return io.NodeOutput(apply_enhance_a_video(model, weight, start_percent, end_percent, layers,
+                                                   reference_latent_frames))
