@@ -61,7 +61,7 @@ def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
     base = wan21.clone()
     SelfAttentionLayers(base, adapter_for(base), "test_inner", "test").route(range(4), record_inner)
     editing = EntropyEditing(base, SOURCE, ratio=0.5)
-    model = editing.clone.clone()
+    model = base.clone()
     SelfAttentionLayers(model, adapter_for(model), "test_outer", "test").route(range(4), record)
     sample(model, steps=1)
     # First forward: the source alone (conds 2, 3), measured; the choice = the lowest-entropy half.
@@ -153,8 +153,9 @@ def test_every_family_edits(fam):
 
 def test_inspector_names_the_layers_editing_chooses(wan21):
     from freevideo.enhance_core.methods.attention_inspector import inspect_attention
-    editing = EntropyEditing(wan21, SOURCE, ratio=0.5)
-    sample(editing.clone, steps=1)
+    edited = wan21.clone()
+    editing = EntropyEditing(edited, SOURCE, ratio=0.5)
+    sample(edited, steps=1)
     sigma = float(wan21.get_model_object("model_sampling").sigma_max)
     report = inspect_attention(wan21, video_latent(frames=5), SOURCE, sigma)
     chosen = sorted(sorted(editing.last_run.entropies, key=editing.last_run.entropies.get)[:2])

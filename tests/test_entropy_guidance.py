@@ -156,8 +156,8 @@ def test_branches_replace_exactly_the_registered_layer(wan21, monkeypatch):
 def test_guided_prediction_equals_the_formula(wan21, pair, layers, cfg):
     """guided = e_u + s (e_c - e_u) + lambda (e_pos - e_neg) with each term from its own run."""
     lam = 1.5
-    g = EntropyGuidance(wan21, lam, *pair, layers=layers)
-    guided = first_denoised(g.clone, cfg=cfg)
+    g = EntropyGuidance(model := wan21.clone(), lam, *pair, layers=layers)
+    guided = first_denoised(model, cfg=cfg)
     registered = g.last_run.registered
     assert registered == ([int(x) for x in layers.split(",")] if layers != "auto" else registered) and len(registered) >= 1
     e = {"original": first_denoised(wan21, cfg=1.0)}
@@ -173,8 +173,8 @@ def test_guided_prediction_equals_the_formula(wan21, pair, layers, cfg):
 @pytest.mark.parametrize("target", [0, 3])
 def test_registry_picks_the_high_entropy_layer(wan21, target, caplog):
     caplog.set_level(logging.INFO, logger=LOG)
-    g = EntropyGuidance(high_entropy_at(wan21, target), 1.0, top_k=1)
-    ksample(g.clone, video_latent(), POS, NEG, steps=1, cfg=4.0)
+    g = EntropyGuidance(model := high_entropy_at(wan21, target).clone(), 1.0, top_k=1)
+    ksample(model, video_latent(), POS, NEG, steps=1, cfg=4.0)
     assert g.last_run.registered == [target]
     assert g.last_run.entropies[target] > 0.99 and all(v < 0.97 for layer, v in g.last_run.entropies.items() if layer != target)
     assert f"layer(s) {target} ({g.last_run.entropies[target]:.3f}) [top 1 of 4 by entropy]" in caplog.text
@@ -185,11 +185,11 @@ def test_registry_picks_the_high_entropy_layer(wan21, target, caplog):
 
 
 def test_registry_is_redone_each_sampling_run(wan21):
-    g = EntropyGuidance(wan21, 1.0, top_k=2)
-    ksample(g.clone, video_latent(), POS, NEG, steps=1)
+    g = EntropyGuidance(model := wan21.clone(), 1.0, top_k=2)
+    ksample(model, video_latent(), POS, NEG, steps=1)
     g.last_run.registered = [0]  # stale state from a previous run must not survive the next one
     first = dict(g.last_run.entropies)
-    ksample(g.clone, video_latent(), POS, NEG, steps=1)
+    ksample(model, video_latent(), POS, NEG, steps=1)
     assert len(g.last_run.registered) == 2 and g.last_run.entropies == first
 
 
@@ -378,8 +378,8 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     layer first with the same entropy. The uniform (cond 2) and identity (cond 3) branches may run
     in one forward or, where the model takes one batch element per call (MiniMax H3), in two."""
     model = load(fam)
-    g = EntropyGuidance(model, 2.0, attention_map=attention_map)
-    guided = g.clone.clone()
+    g = EntropyGuidance(guided := model.clone(), 2.0, attention_map=attention_map)
+    guided = guided.clone()
     branch = {}  # (layer, cond) -> (kernel output, V in the output's layout, token dim, map span, seq_len)
 
     def record(call):
@@ -540,8 +540,8 @@ def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
                 split = lambda t: t.view(t.shape[0], t.shape[1], call["heads"], -1).transpose(1, 2)  # noqa: E731
                 out[i // 2] = float(naive_entropy(split(e["q"]), split(e["k"])).mean())
         return out
-    g = EntropyGuidance(wan21, 1.0, top_k=1)
-    model, calls = recorder(g.clone)
+    g = EntropyGuidance(guided := wan21.clone(), 1.0, top_k=1)
+    model, calls = recorder(guided)
     ksample(model, video_latent(), POS, NEG, steps=1, cfg=4.0)
     assert sorted(calls[0]["groups"]) == [0, 1]
     for layer, e in naive_per_layer(calls).items():

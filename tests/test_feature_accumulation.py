@@ -416,8 +416,8 @@ def test_stacks_with_enhance_a_video_and_entropy_guidance(wan21):
 
 def test_nothing_survives_the_model_call(wan21):
     from freevideo.enhance_core.methods.feature_accumulation import FeatureAccumulation
-    fa = FeatureAccumulation(wan21, "0.5", 2)
-    sample(fa.clone, steps=1)
+    fa = FeatureAccumulation(model := wan21.clone(), "0.5", 2)
+    sample(model, steps=1)
     assert fa.call.acc is None and fa.call.layout is None and fa.call.pending is None and not fa.call.active
 
 

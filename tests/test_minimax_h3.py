@@ -161,8 +161,8 @@ def test_guidance_branches_run_alone_and_the_registry_equals_a_naive_entropy(mod
     """Every model call holds one batch element (the model raises on more): the two branches run as
     calls of their own. The registry's entropy of each layer is the naive softmax entropy of the
     cond's video rows over the video keys, from the q and k of the same call."""
-    g = EntropyGuidance(model, 2.0, top_k=1)
-    m = g.clone.clone()
+    g = EntropyGuidance(guided := model.clone(), 2.0, top_k=1)
+    m = guided.clone()
     calls = []
 
     def record(call_next, q, k, v, heads, **kwargs):
@@ -183,7 +183,7 @@ def test_guidance_branches_run_alone_and_the_registry_equals_a_naive_entropy(mod
 def test_editing_sources_run_first_and_no_target_is_replayed(model):
     """Each source (the source prompt's, and the negative's copy) runs in a model call of its own
     before its target, so every target finds its source's q and k: nothing evaluated twice."""
-    editing = EntropyEditing(model, conditioning(FAM, 4), ratio=1.0)
-    edited = run(editing.clone, steps=2)
+    editing = EntropyEditing(patched := model.clone(), conditioning(FAM, 4), ratio=1.0)
+    edited = run(patched, steps=2)
     assert torch.isfinite(edited).all() and not torch.equal(edited, run(model, steps=2))
     assert editing.last_run.replays == 0 and not editing.last_run.missed

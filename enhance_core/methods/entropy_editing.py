@@ -1,23 +1,22 @@
-"""IE-Adapt video editing (Understanding Attention Mechanism in Video Diffusion Models, sec. 4.2) on a
-clone of a ComfyUI video model (docs/nodes/entropy_editing.md is the user's account).
+"""IE-Adapt video editing (Understanding Attention Mechanism in Video Diffusion Models, sec. 4.2) on a clone of a
+ComfyUI video model (docs/nodes/entropy_editing.md is the user's account).
 
-The target is sampled with the sampler's prompt; a source branch (sampling/branches.py) runs the
-source prompt at the same noise level. At the first step in the window the source's self-attention
-entropy of every layer is measured and the lowest `ratio` chosen (low entropy holds the structure).
-There the target's map is the source's, softmax(q k^T / sqrt(d)): target rows take the source's q
-and k with their own v (cond with cond, uncond with uncond, entry with entry). In joint attention
-(text in self-attention) the video queries take the source's keys over video and text, and the text
-queries keep their own map (patching/map_transplant.py).
+The target is sampled with the sampler's prompt; a source branch (sampling/branches.py) runs the source prompt
+at the same noise level. At the first step in the window the source's self-attention entropy of every layer is
+measured and the lowest `ratio` chosen (low entropy holds the structure). There the target's map is the
+source's, softmax(q k^T / sqrt(d)): target rows take the source's q and k with their own v (cond with cond,
+uncond with uncond, entry with entry). In joint attention (text in self-attention) the video queries take the
+source's keys over video and text, and the text queries keep their own map (patching/map_transplant.py).
 
-ComfyUI decides the forwards: a source it cannot batch with its target (another text shape) runs
-first; a forward that runs a source without its targets stores their q and k for the step
-(sampling/row_pairs.py); a target that still ran before its source is evaluated again.
+ComfyUI decides the forwards: a source it cannot batch with its target (another text shape) runs first; a
+forward that runs a source without its targets stores their q and k for the step (sampling/row_pairs.py); a
+target that still ran before its source is evaluated again.
 
-The source's trajectory, one latent per level (sampling/trajectory.py): generated from the sampler's
-noise by Euler steps with plain CFG (exact for euler without CFG modifiers), from the run's first
-step even before the window opens; or a real video's DDIM inversion, whose top latent replaces the
-sampler's start only in a run at the top of the schedule. A stage that ends with leftover noise
-hands the source on to the sampler that continues its latent (sampling/stage_handover.py).
+The source's trajectory, one latent per level (sampling/trajectory.py): generated from the sampler's noise by
+Euler steps with plain CFG (exact for euler without CFG modifiers), from the run's first step even before the
+window opens; or a real video's DDIM inversion, whose top latent replaces the sampler's start only in a run at
+the top of the schedule. A stage that ends with leftover noise hands the source on to the sampler that continues
+its latent (sampling/stage_handover.py).
 """
 
 import dataclasses
@@ -51,12 +50,10 @@ class _Run(RunState):
     """One sampling run: the guider (its CFG and processed conds), the schedule, the source latents."""
 
     def __init__(self, guider, sigmas):
-        self.guider = guider
-        self.sigmas = sigmas
+        self.guider, self.sigmas = guider, sigmas  # the guider until the run ends
         self.levels = {}  # float sigma -> source latent at that level
         self.layers = None  # chosen at the first active step
-        self.entropies = {}
-        self.sums = LayerSums()
+        self.entropies, self.sums = {}, LayerSums()
         self.store = StepStore()  # the source's q and k for targets in another forward of the step
         self.missed = set()  # target conds a forward of this step could not edit (their source had not run)
         self.replays = 0  # steps whose missed targets were evaluated again
@@ -78,40 +75,39 @@ _HANDOVER = StageHandover()  # shared by every editing node: Wan 2.2's two exper
 
 
 class EntropyEditing:
-    """One editing node's settings and hooks; what a sampling run accumulates lives in its _Run.
-    Hooks are closures over this object (ComfyUI deep-copies model_options on every clone)."""
+    """One editing node's settings and its hooks on the clone it is given (closures over this object,
+    which keeps no reference to the clone); what a sampling run accumulates lives in its _Run."""
 
-    def __init__(self, model, source_positive, source_latent=None, ratio: float = 0.5,
+    def __init__(self, clone, source_positive, source_latent=None, ratio: float = 0.5,
                  start_percent: float = 0.0, end_percent: float = 1.0):
         if not 0.0 <= ratio <= 1.0 or ratio != ratio:
             raise ValueError(f"ratio: {ratio}; use a fraction of the self-attention layers from 0 (off) to 1")
-        adapter = adapter_for(model)
-        self.n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
-        self.window = SigmaWindow(model, start_percent, end_percent)
+        adapter = adapter_for(clone)
+        self.n_layers = len(adapter.sites(clone.get_model_object("diffusion_model")))
+        self.window = SigmaWindow(clone, start_percent, end_percent)
         self.source = source_positive
         self.source_latent = None if source_latent is None else source_latent["samples"]
         if self.source_latent is not None and self.source_latent.ndim != 5:
             raise ValueError(f"source_latent: a {self.source_latent.ndim}-D latent; connect the source video's latent "
                              "(VAE Encode of the video, [B, C, T, H, W])")
         self.ratio = float(ratio)
-        self.clone = model.clone()
-        self.window.follow(self.clone)
+        self.window.follow(clone)
         self.last_run = None
         if self.ratio == 0:
             return
         self.key = f"freevideo_ie_adapt_edit_{id(self)}"
         state = self
-        SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt editing").route(
+        SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt editing").route(
             range(self.n_layers), lambda call: state._attention(call))
-        self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
+        self.runner = BranchRunner(clone, self.key, lambda args: state._calc_cond_batch(args))
         # The run's holder is made by _new_run, which also adds the source conds to the guider.
-        per_run_state(self.clone, self.key, lambda guider, noise, latent_image, sampler, sigmas, *a, **kw:
+        per_run_state(clone, self.key, lambda guider, noise, latent_image, sampler, sigmas, *a, **kw:
                       state._start_run(guider, sigmas))
-        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key + "/source",
-                                        lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key + "/source",
+                                   lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
         if self.source_latent is not None:
-            self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
-                                            lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
+            clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
+                                       lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
 
     def _start_run(self, guider, sigmas):
         # last_run: the latest run, for inspection; sampling reads the run through the call's options.
@@ -132,6 +128,8 @@ class EntropyEditing:
             out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             guider.conds.pop(SOURCE_CONDS, None)
+            if run is not None:  # last_run outlives the run, the guider (holding the clone, which holds us) must not
+                run.guider = None
         if run is not None and self.source_latent is None:  # the source handed on to a next stage, if any
             _HANDOVER.record(out, sigmas, run.levels, (self.key, run.layers, run.entropies))
         return out
@@ -297,4 +295,6 @@ def apply_entropy_editing(model, source_positive, source_latent=None, ratio: flo
                           start_percent: float = 0.0, end_percent: float = 1.0):
     """A clone of `model` that edits towards the sampler's prompt while keeping the source's structure;
     ratio 0 returns a plain clone (bit-identical sampling)."""
-    return EntropyEditing(model, source_positive, source_latent, ratio, start_percent, end_percent).clone
+    clone = model.clone()
+    EntropyEditing(clone, source_positive, source_latent, ratio, start_percent, end_percent)
+    return clone

@@ -83,40 +83,39 @@ class EntropyGuidance:
     Sampling hooks are closures over this object (ComfyUI deep-copies model_options on every clone;
     a bound method there would copy the model)."""
 
-    def __init__(self, model, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
+    def __init__(self, clone, scale: float, positive: str = "uniform", negative: str = "identity", layers: str = "auto",
                  top_k: int = 1, entropy_rows: int = 0, start_percent: float = 0.0, end_percent: float = 1.0,
                  attention_map: str = "video tokens"):
-        adapter = adapter_for(model)
-        n_layers = len(adapter.sites(model.get_model_object("diffusion_model")))
+        adapter = adapter_for(clone)
+        n_layers = len(adapter.sites(clone.get_model_object("diffusion_model")))
         _check_inputs(scale, positive, negative, top_k, n_layers, entropy_rows, attention_map)
         self.attention_map = attention_map
         self.auto = layers.strip().lower() == "auto"
         if not self.auto and not layers.strip():
             raise ValueError("layers: empty; use 'auto' (register the top_k highest-entropy layers) or indices such as '12' or '10-12, 20'")
         self.manual = None if self.auto else parse_layer_list(layers, n_layers, "layers")
-        self.window = SigmaWindow(model, start_percent, end_percent)
+        self.window = SigmaWindow(clone, start_percent, end_percent)
         self.scale, self.positive, self.negative = float(scale), positive, negative
         self.top_k, self.n_layers = top_k, n_layers
         self.rows = None if entropy_rows == 0 else entropy_rows
         self.kinds = tuple(b for b in (positive, negative) if b != "original")  # branches needing a forward
-        self.clone = model.clone()
-        self.window.follow(self.clone)
+        self.window.follow(clone)
         self._warned = set()
         self.last_run = None
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
-        hooks = SelfAttentionLayers(self.clone, adapter, self.key, "IE-Adapt guidance")
+        hooks = SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt guidance")
         state = self
         hooks.route(range(n_layers) if self.auto else self.manual, lambda call: state._attention(call))
-        self.runner = BranchRunner(self.clone, self.key, lambda args: state._calc_cond_batch(args))
+        self.runner = BranchRunner(clone, self.key, lambda args: state._calc_cond_batch(args))
         # Branches copy the cond up to the first registered layer: they may skip those blocks (shared_prefix.py).
-        points = adapter.prefix_points(model.get_model_object("diffusion_model"))
+        points = adapter.prefix_points(clone.get_model_object("diffusion_model"))
         self.shares_prefix = points is not None
         if self.shares_prefix:
-            SharedPrefix(self.clone, self.key, points, "IE-Adapt guidance")
-        self.clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
-        per_run_state(self.clone, self.key, lambda *a, **kw: state._start_run())
+            SharedPrefix(clone, self.key, points, "IE-Adapt guidance")
+        clone.set_model_sampler_post_cfg_function(lambda args: state._post_cfg(args))
+        per_run_state(clone, self.key, lambda *a, **kw: state._start_run())
 
     def _start_run(self):
         # last_run: the latest run, for inspection only; sampling reads the run through the call's options.
@@ -294,5 +293,6 @@ def apply_entropy_guidance(model, scale: float, positive: str = "uniform", negat
 
     entropy_rows 0 (exact entropy) is the default: the registry runs once per sampling run, where the
     exact entropy costs about one model call, and the sampled estimate can swap close layers."""
-    return EntropyGuidance(model, scale, positive, negative, layers, top_k, entropy_rows, start_percent, end_percent,
-                           attention_map).clone
+    clone = model.clone()
+    EntropyGuidance(clone, scale, positive, negative, layers, top_k, entropy_rows, start_percent, end_percent, attention_map)
+    return clone

@@ -179,38 +179,37 @@ def _hidden_parameter(block) -> str:
 class FeatureAccumulation:
     """The settings and hooks of one node's clone; what a model call accumulates is in `call`."""
 
-    def __init__(self, model, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,
+    def __init__(self, clone, gate: str = DEFAULT_GATE, group_size: int = DEFAULT_GROUP_SIZE,
                  mode: str = "attention input", layers: str = "all", start_percent: float = 0.0, end_percent: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"mode: '{mode}' is not one of: {', '.join(MODES)}")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size: {group_size!r} must be a whole number of layers, 1 or more (the reference uses 6)")
-        adapter = adapter_for(model)
-        blocks = adapter.blocks(model.get_model_object("diffusion_model"))
+        adapter = adapter_for(clone)
+        blocks = adapter.blocks(clone.get_model_object("diffusion_model"))
         selected = parse_layer_list(layers, len(blocks), "layers")
         gates = parse_gates(gate, len(blocks), selected)
-        self.window = SigmaWindow(model, start_percent, end_percent)
+        self.window = SigmaWindow(clone, start_percent, end_percent)
         self.mode, self.group_size = mode, group_size
         self.mixing, self.needed = plan(gates, group_size)
         self.last_mixing = max(self.mixing, default=None)
-        self.clone = model.clone()
-        self.window.follow(self.clone)
+        self.window.follow(clone)
         self.call = _Call()
         self._warned = False
         if not self.mixing:
             return  # every gate 0 (or only layer 0 chosen): a plain clone, bit-identical
         key = f"freevideo_feature_accumulation_{id(self)}"
         state = self  # closures, not bound methods: ComfyUI deep-copies model_options on clone
-        per_model_call(self.clone, key, self.call,
+        per_model_call(clone, key, self.call,
                        lambda options: {"active": state.window.contains(options), "acc": GroupAccumulator(group_size)}, adapter)
-        self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key,
-                                        lambda executor, *a, **kw: state._log_run(executor, *a, **kw))
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key,
+                                   lambda executor, *a, **kw: state._log_run(executor, *a, **kw))
         for i in sorted(set(self.mixing) | self.needed):
             site = blocks[i]
-            hidden_name = _hidden_parameter(module_of(self.clone, site.path)[1])
-            hook_module(self.clone, site.path, self._block_hook(i, hidden_name))
+            hidden_name = _hidden_parameter(module_of(clone, site.path)[1])
+            hook_module(clone, site.path, self._block_hook(i, hidden_name))
             if mode == "attention input" and i in self.mixing and site.attention_input is not None:
-                hook_module(self.clone, site.attention_input, self._attention_input_hook)
+                hook_module(clone, site.attention_input, self._attention_input_hook)
 
     def _log_run(self, executor, *args, **kwargs):
         layers = sorted(self.mixing)
@@ -295,4 +294,6 @@ def apply_feature_accumulation(model, gate: str = DEFAULT_GATE, group_size: int 
                                mode: str = "attention input", layers: str = "all", start_percent: float = 0.0,
                                end_percent: float = 1.0):
     """A clone of `model` with cross-layer feature accumulation; every gate 0 gives a plain clone."""
-    return FeatureAccumulation(model, gate, group_size, mode, layers, start_percent, end_percent).clone
+    clone = model.clone()
+    FeatureAccumulation(clone, gate, group_size, mode, layers, start_percent, end_percent)
+    return clone

@@ -11,6 +11,7 @@ once, at the first model call where it happens: the method cannot act there.
 
 import logging
 import threading
+import weakref
 
 from .attention_call import AttentionCall
 from .attention_slot import KERNEL_OPTIONAL_ARGS, add_attention_override, eager
@@ -32,7 +33,10 @@ class _RoutingState(threading.local):
 
 class SelfAttentionLayers:
     def __init__(self, clone, adapter, key: str, name: str):
-        self.clone = clone
+        # Weakly: the clone's wrappers hold this object, and a cycle between them would keep the
+        # clone (and the model it holds) alive until a full garbage collection, which ComfyUI then
+        # runs before every model load.
+        self._clone = weakref.ref(clone)
         self.adapter = adapter
         self.name = name
         self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
@@ -57,7 +61,7 @@ class SelfAttentionLayers:
                 self.hook_module(site.disarm, self._disarm(layer))
 
     def hook_module(self, path: str, around) -> None:
-        hook_module(self.clone, path, around)
+        hook_module(self._clone(), path, around)
 
     def _arm(self, layer):
         call = self.call
