@@ -17,15 +17,16 @@ they go to a temporary folder and are only checked.
 
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from support import browser_page, tiny_models
+from support import browser_page, families, tiny_models
 from support.comfy_server import PACK_NAME, ComfyServer
-from support.in_process import ROOT
+from support.in_process import COMFY, ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -45,6 +46,8 @@ MODEL_FILES = {
     "VAELoader": [(0, "vae")],
     "CheckpointLoaderSimple": [(0, "checkpoints")],
     "ADE_LoadAnimateDiffModel": [(0, "animatediff_models")],
+    "LTXAVTextEncoderLoader": [(0, "text_encoders"), (1, "checkpoints")],
+    "LTXVAudioVAELoader": [(0, "checkpoints")],
 }
 NOTE_TYPES = ("Note", "MarkdownNote")
 SEED_CONTROL = ("fixed", "increment", "decrement", "randomize")
@@ -103,7 +106,14 @@ def server(chromium, tmp_path_factory):
         (base / "custom_nodes").mkdir(exist_ok=True)
         (base / "custom_nodes" / snapshot_prefix).symlink_to(base / "peers" / snapshot_prefix)
         installed[prefix] = pack
-    models = {"diffusion_models": [tiny_models.wan21_t2v()], "vae": [tiny_models.wan21_vae()]}
+    models = {"diffusion_models": [tiny_models.wan21_t2v(), *tiny_wan22_files().values()],
+              "vae": [tiny_models.wan21_vae()]}
+    for family, module, family_id in NEWER_FAMILIES.values():
+        if comfy_has(module):
+            models["diffusion_models"].append(getattr(tiny_models, families.BY_ID[family_id].file)())
+    # The image a workflow's LoadImage names, as ComfyUI ships it in its input folder.
+    (base / "input").mkdir(exist_ok=True)
+    shutil.copy(COMFY / "input" / "example.png", base / "input" / "example.png")
     with ComfyServer(base, models=models) as s:
         s.third_party_installed = installed
         s.object_info = s.get("/object_info")
@@ -152,14 +162,20 @@ def meant_widgets(node: dict, info: dict, complete: bool = True) -> list[tuple[s
     """The file's widgets_values named by the node's declared widget inputs, in the server's order,
     with the frontend's "control after generate" value after each seed (see has_seed_control).
     complete=False accepts a file without values for trailing inputs (that a newer ComfyUI added to
-    one of its own nodes: the page gives them their defaults)."""
+    one of its own nodes: the page gives them their defaults); an optional input without a value in
+    the file (saved before the input existed) means its default, which the page gives it."""
     values = list(node.get("widgets_values", []))
     named = []
+    optional = info["input"].get("optional", {})
     for name, declared in declared_inputs(info):
         if not is_widget(declared):
             continue
         if not values and not complete:
             break
+        if not values and name in optional and "default" in (declared[1] if len(declared) > 1 else {}):
+            # A file saved before an optional input existed: the page gives it its default.
+            named.append((name, declared[1]["default"]))
+            continue
         assert values, f"node {node['id']} ({node['type']}): no value in the file for widget {name}"
         named.append((name, values.pop(0)))
         if has_seed_control(name, declared):
@@ -207,19 +223,23 @@ def test_workflow_loads_in_the_page(page, server, path, tmp_path):
     assert page.active_workflow_name() == path.stem
 
     # Node types: all known, except a third-party pack's that this server lacks and that the
-    # workflow's note and the README name.
+    # workflow's note and the README name, and a newer family's that this ComfyUI lacks (see
+    # test_newer_family_workflows_name_their_comfyui).
     notes, readme = note_text(workflow), (ROOT / "README.md").read_text()
     unknown = [n["type"] for n in shown if not n["known"]]
+    newer = NEWER_FAMILIES.get(path.stem)
     for kind in unknown:
         prefix = next((p for p in THIRD_PARTY if kind.startswith(p)), None)
+        if newer is not None and not comfy_has(newer[1]):
+            continue
         assert prefix is not None and prefix not in server.third_party_installed, \
             f"{path.name}: node type {kind} is unknown to the page"
     for prefix, (pack, snapshot_prefix) in THIRD_PARTY.items():
         if any(n["type"].startswith(prefix) for n in workflow["nodes"]):
             assert pack in notes and pack in readme, f"{path.name} uses {pack}: its note and the README must name it"
     if unknown:
-        print(f"{path.name}: {sorted(set(unknown))} not installed here (no snapshot in {PEERS}); "
-              "their widgets are not checked")
+        why = f"{newer[0]} is not in this ComfyUI" if newer is not None else f"no snapshot in {PEERS}"
+        print(f"{path.name}: {sorted(set(unknown))} not installed here ({why}); their widgets are not checked")
 
     # Every FreeVideo widget, by name: the value the file means, valid for its input.
     ours = [n for n in shown if n["type"].startswith("FreeVideo")]
@@ -242,8 +262,9 @@ def test_workflow_loads_in_the_page(page, server, path, tmp_path):
     prompt = page.graph_to_prompt()
     for node in ours:
         sent = prompt[str(node["id"])]["inputs"]
+        linked = {i["name"] for i in nodes[node["id"]].get("inputs", []) if i.get("link") is not None}
         for name, want in meant_widgets(nodes[node["id"]], server.object_info[node["type"]]):
-            if name != "control_after_generate":
+            if name != "control_after_generate" and name not in linked:  # a linked widget sends its link
                 assert same(sent[name], want), f"{path.name} node {node['id']} {name}: page queues {sent[name]!r}, file {want!r}"
 
     # The note says which model files go where.
@@ -256,7 +277,9 @@ def test_workflow_loads_in_the_page(page, server, path, tmp_path):
     page.fit_view()
     shot = page.screenshot(tmp_path / f"{path.stem}.png")
     check_screenshot(shot)
-    if UPDATE_SCREENSHOTS:
+    if UPDATE_SCREENSHOTS and newer is not None and unknown:
+        print(f"{path.name}: screenshot not updated (take it on a ComfyUI with {newer[0]})")
+    elif UPDATE_SCREENSHOTS:
         assert not unknown, f"{path.name}: install every pack it uses before updating its screenshot"
         save_screenshot(shot, path.stem)
 
@@ -397,40 +420,61 @@ def check_inspector(files: dict[str, Path], texts: list[str]) -> None:
     assert table.count("\n") >= 4, table
 
 
+def check_layer_lists(files: dict[str, Path], texts: list[str]) -> None:
+    """The inspector's chart and report (which names the lists it sent), and the two samplers fed by
+    its lists: IE-Adapt guidance ("changed") and SkipLayerGuidanceDiT (core, so "plain"), both videos."""
+    import torch
+    check_inspector(files, texts)
+    (table,) = texts
+    assert "layers output (FreeVideo nodes' layers inputs): " in table and "SkipLayerGuidanceDiT: double_layers" in table, table
+    guided, skipped = saved_latent(files["changed"]), saved_latent(files["plain"])
+    assert torch.isfinite(guided).all() and torch.isfinite(skipped).all()
+    assert relative_difference(guided, skipped) > 1e-3
+    for name in ("wan21_inspector_ie_adapt", "wan21_inspector_slg"):
+        check_video(files[name], 9, (64, 64))
+
+
 RUNS = {
     "wan21_t2v_enhance_a_video": lambda files, texts: check_side_by_side(
         files, "wan21_enhance_a_video", "wan21_enhance_a_video_side_by_side"),
     "wan21_entropy_guidance": lambda files, texts: check_side_by_side(
         files, "wan21_ie_adapt", "wan21_ie_adapt_side_by_side"),
     "wan21_attention_inspector": check_inspector,
+    "wan21_inspector_layers_to_guidance": check_layer_lists,
 }
 
 
-@pytest.mark.parametrize("stem", list(RUNS))
-def test_tiny_variant_runs_from_the_run_button(page, server, stem):
-    workflow = save_sampled_latents(tiny_variant(load(ROOT / "workflows" / f"{stem}.json")))
-    page.drop_file(f"{stem}_tiny.json", json.dumps(workflow))
+def run_from_page(page, server, workflow: dict, file_name: str) -> tuple[dict[str, Path], list[str]]:
+    """Drop `workflow` onto the page as `file_name`, press Run, check that the page queued the file's
+    graph value for value and that the prompt succeeded; return its output files (by name, without
+    the counter) and texts."""
+    page.drop_file(file_name, json.dumps(workflow))
     page.tidy()
     page.start_listening()
     prompt_id, sent = page.press_run()
 
     # What the page queued is the file's graph, value for value (the page may add inputs that the
-    # file leaves at their defaults on newer ComfyUI).
+    # file leaves at their defaults on newer ComfyUI); bypassed nodes are left out and their
+    # inputs passed on, which ComfyUI's frontend does itself.
     links = {link[0]: link for link in workflow["links"]}
     for node in workflow["nodes"]:
         if node["type"] in NOTE_TYPES:
             continue
+        if node.get("mode", 0) == 4:
+            assert str(node["id"]) not in sent, f"bypassed node {node['id']} ({node['type']}) was queued"
+            continue
         queued = sent[str(node["id"])]
         assert queued["class_type"] == node["type"]
         for i in node.get("inputs", []):
-            if i.get("link") is not None:
+            if i.get("link") is not None and node_mode(workflow, links[i["link"]][1]) != 4:
                 link = links[i["link"]]
                 assert queued["inputs"][i["name"]] == [str(link[1]), link[2]], (node["id"], i["name"])
         info = server.object_info[node["type"]]
         if any(d[0] == "COMFY_DYNAMICCOMBO_V3" for _, d in declared_inputs(info)):
             continue  # newer ComfyUI's SaveVideo: format options nest; tests/test_server_end_to_end converts those
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for name, want in meant_widgets(node, info, complete=node["type"].startswith("FreeVideo")):
-            if name != "control_after_generate":
+            if name != "control_after_generate" and name not in linked:  # checked as a link above
                 assert same(queued["inputs"].get(name), want), f"node {node['id']} {name}: {queued['inputs'].get(name)!r} != {want!r}"
 
     events = page.wait_finished(prompt_id)
@@ -448,5 +492,347 @@ def test_tiny_variant_runs_from_the_run_button(page, server, stem):
         assert path.is_file() and path.stat().st_size > 0, path
         files[path.name.rsplit("_", 2)[0] if path.suffix in (".mp4", ".latent") else path.name] = path
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
-    print(f"{stem}: ran from the page in {page.elapsed:.1f} s: {sorted(p.name for p in files.values())}")
+    print(f"{file_name}: ran from the page in {page.elapsed:.1f} s: {sorted(p.name for p in files.values())}")
+    return files, texts
+
+
+def node_mode(workflow: dict, node_id: int) -> int:
+    return next(n for n in workflow["nodes"] if n["id"] == node_id).get("mode", 0)
+
+
+@pytest.mark.parametrize("stem", list(RUNS))
+def test_tiny_variant_runs_from_the_run_button(page, server, stem):
+    workflow = save_sampled_latents(tiny_variant(load(ROOT / "workflows" / f"{stem}.json")))
+    files, texts = run_from_page(page, server, workflow, f"{stem}_tiny.json")
     RUNS[stem](files, texts)
+
+
+# --- the workflows of newer families: Wan 2.2 14B's two experts, LTX-2, MiniMax H3 ----------------
+# These are graphs a user starts from: one path through the FreeVideo nodes, no plain copy beside
+# it. Their tiny runs compare the graph as it is with the same graph with FreeVideo nodes bypassed
+# (what the notes tell a user to do to compare): all of them, and each one alone.
+
+def tiny_wan22_expert(kind: str, expert: str) -> Path:
+    """Wan 2.2 14B expert layout, small: 4 blocks of dim 256 (2 heads of 128), T2V with the 16-channel
+    latent in, I2V with 36 channels in (latent, mask and image latent, no CLIP-vision embedding) as
+    the real experts; ComfyUI's loader detects both as Wan. Each expert has weights of its own."""
+    def build():
+        import comfy.ops
+        from comfy.ldm.wan.model import WanModel
+        return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16 if kind == "t2v" else 36, dim=256,
+                        ffn_dim=512, freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=4,
+                        operations=comfy.ops.disable_weight_init)
+    return tiny_models._cached(f"tiny_wan22_{kind}_14b_{expert}.safetensors", build,
+                               seed={"high": 1, "low": 2}[expert])
+
+
+def tiny_wan22_files() -> dict[str, Path]:
+    """The tiny experts by the real file name a Wan 2.2 workflow gives them."""
+    return {f"wan2.2_{kind}_{expert}_noise_14B_fp8_scaled.safetensors": tiny_wan22_expert(kind, expert)
+            for kind in ("t2v", "i2v") for expert in ("high", "low")}
+
+
+def tiny_wan22_variant(workflow: dict) -> dict:
+    """A Wan 2.2 14B workflow on tiny models: each expert's loader names its tiny expert, the text
+    encoder becomes the test conditioning node, a 64x64 latent of 9 frames (3 latent frames), 4 steps
+    split at 2 between the experts."""
+    workflow = json.loads(json.dumps(workflow))
+    drop_nodes(workflow, {n["id"] for n in workflow["nodes"] if n["type"] == "CLIPLoader"})
+    tiny = tiny_wan22_files()
+    for node in workflow["nodes"]:
+        kind, values = node["type"], node.get("widgets_values")
+        if kind == "UNETLoader":
+            values[0] = tiny[values[0]].name
+        elif kind == "VAELoader":
+            values[0] = tiny_models.wan21_vae().name
+        elif kind == "CLIPTextEncode":
+            node["type"] = "FreeVideoTestTextConditioning"
+            node["inputs"] = [i for i in node["inputs"] if i["name"] != "clip"]
+            node["widgets_values"] = [values[0], 8, 4096]
+        elif kind in ("EmptyHunyuanLatentVideo", "WanImageToVideo"):
+            values[:3] = [64, 64, 9]
+        elif kind == "KSamplerAdvanced":
+            first = values[0] == "enable"
+            values[3] = 4
+            values[7:9] = [0, 2] if first else [2, 10000]
+    return workflow
+
+
+def drop_nodes(workflow: dict, ids: set[int]) -> None:
+    """Remove nodes and every link that touches them (the inputs they fed are left unconnected)."""
+    gone = {link[0] for link in workflow["links"] if link[1] in ids or link[3] in ids}
+    workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] not in ids]
+    workflow["links"] = [link for link in workflow["links"] if link[0] not in gone]
+    for node in workflow["nodes"]:
+        for i in node.get("inputs", []):
+            if i.get("link") in gone:
+                i["link"] = None
+        for o in node.get("outputs", []):
+            o["links"] = [x for x in o.get("links") or [] if x not in gone]
+
+
+def add_save_latent(workflow: dict, source: int, slot: int, name: str) -> None:
+    """A SaveLatent of output `slot` of node `source` to output/latents/<name>."""
+    node_id, link_id = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
+    workflow["last_node_id"], workflow["last_link_id"] = node_id, link_id
+    src = next(n for n in workflow["nodes"] if n["id"] == source)
+    workflow["nodes"].append({
+        "id": node_id, "type": "SaveLatent", "pos": [src["pos"][0], src["pos"][1] - 80], "size": [300, 60],
+        "flags": {}, "order": len(workflow["nodes"]), "mode": 0,
+        "inputs": [{"name": "samples", "type": "LATENT", "link": link_id}], "outputs": [], "properties": {},
+        "widgets_values": [f"latents/{name}"]})
+    workflow["links"].append([link_id, source, slot, node_id, 0, "LATENT"])
+    src["outputs"][slot]["links"] = (src["outputs"][slot].get("links") or []) + [link_id]
+
+
+def bypassed(workflow: dict, ids: set[int]) -> dict:
+    """The workflow with nodes `ids` bypassed (mode 4: Ctrl+B in the page)."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow["nodes"]:
+        if node["id"] in ids:
+            node["mode"] = 4
+    return workflow
+
+
+def is_pack_node(kind: str) -> bool:
+    """A node of this pack (the test conditioning node is installed only into test servers)."""
+    return kind.startswith("FreeVideo") and not kind.startswith("FreeVideoTest")
+
+
+def relative_difference(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tuple[int, int, str]]) -> dict:
+    """Run `workflow` (with a SaveLatent after each `final` output (node, slot, name); the first is
+    the video) as it is, with every FreeVideo node bypassed, and, where it has several, with each
+    FreeVideo node bypassed alone; each FreeVideo node must change the video. Returns the output
+    files of the run as it is."""
+    import torch
+    for node, slot, name in final:
+        add_save_latent(workflow, node, slot, name)
+    ours = sorted(n["id"] for n in workflow["nodes"] if is_pack_node(n["type"]))
+    assert ours, f"{stem}: no FreeVideo node"
+    files, _ = run_from_page(page, server, workflow, f"{stem}_tiny.json")
+    changed = {name: saved_latent(files[name]) for _, _, name in final}
+    plain_files, _ = run_from_page(page, server, bypassed(workflow, set(ours)), f"{stem}_tiny_plain.json")
+    plain = {name: saved_latent(plain_files[name]) for _, _, name in final}
+    video = final[0][2]
+    for name in changed:
+        assert changed[name].shape == plain[name].shape and torch.isfinite(changed[name]).all()
+    assert 0.1 < plain[video].std() < 100, plain[video].std()
+    whole = relative_difference(changed[video], plain[video])
+    assert whole > 1e-3, f"{stem}: the FreeVideo nodes changed nothing (relative difference {whole:.2e})"
+    print(f"{stem}: FreeVideo nodes change the final latent by {whole:.3e} (relative); other outputs: "
+          + ", ".join(f"{name} {relative_difference(changed[name], plain[name]):.3e}" for name in changed if name != video))
+    for node_id in ours if len(ours) > 1 else []:
+        one_files, _ = run_from_page(page, server, bypassed(workflow, {node_id}), f"{stem}_tiny_without_{node_id}.json")
+        without = saved_latent(one_files[video])
+        diff = relative_difference(changed[video], without)
+        assert diff > 1e-4, f"{stem}: FreeVideo node {node_id} changed nothing (relative difference {diff:.2e})"
+        print(f"{stem}: node {node_id} alone changes the final latent by {diff:.3e}")
+    return files
+
+
+def check_video(path: Path, frames: int, size: tuple[int, int]) -> None:
+    video = video_frames(path)
+    assert video.shape == (frames, size[0], size[1], 3), video.shape
+    assert video.std() > 3, "a blank video"
+
+
+def wan22_experts(workflow: dict) -> tuple[dict, dict]:
+    """The two KSamplerAdvanced of a Wan 2.2 14B workflow: (high-noise, low-noise)."""
+    samplers = [n for n in workflow["nodes"] if n["type"] == "KSamplerAdvanced"]
+    assert len(samplers) == 2, [n["type"] for n in workflow["nodes"]]
+    return tuple(sorted(samplers, key=lambda n: n["widgets_values"][7]))
+
+
+def model_chain(workflow: dict, node: dict) -> list[dict]:
+    """The nodes on the MODEL input path of `node`, from it back to the loader."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    chain = []
+    while True:
+        model = next((i for i in node.get("inputs", []) if i["type"] == "MODEL" and i.get("link") is not None), None)
+        if model is None:
+            return chain
+        node = nodes[links[model["link"]][1]]
+        chain.append(node)
+
+
+WAN22 = ["wan22_t2v_14b_enhance_a_video", "wan22_i2v_14b_enhance_a_video"]
+
+
+@pytest.mark.parametrize("stem", WAN22)
+def test_wan22_workflow_hands_the_latent_from_the_high_to_the_low_noise_expert(stem):
+    """As ComfyUI's own Wan 2.2 14B templates: the high-noise expert samples the first steps and
+    returns its leftover noise, the low-noise expert adds no noise and finishes the same schedule;
+    each expert's model passes through its own Enhance-A-Video node."""
+    workflow = load(ROOT / "workflows" / f"{stem}.json")
+    high, low = wan22_experts(workflow)
+    add_noise, _, _, steps, cfg, sampler, scheduler, start, split, leftover = high["widgets_values"]
+    assert (add_noise, start, leftover) == ("enable", 0, "enable") and 0 < split < steps
+    l_add_noise, _, _, l_steps, l_cfg, l_sampler, l_scheduler, l_start, l_end, l_leftover = low["widgets_values"]
+    assert (l_add_noise, l_leftover) == ("disable", "disable") and l_start == split and l_end >= steps
+    assert (l_steps, l_cfg, l_sampler, l_scheduler) == (steps, cfg, sampler, scheduler)
+    links = {link[0]: link for link in workflow["links"]}
+    latent_in = next(i for i in low["inputs"] if i["name"] == "latent_image")
+    assert links[latent_in["link"]][1] == high["id"], "the low-noise expert continues the high-noise expert's latent"
+    loaders = []
+    for expert, noise in ((high, "high_noise"), (low, "low_noise")):
+        chain = model_chain(workflow, expert)
+        assert any(n["type"] == "FreeVideoEnhanceAVideo" for n in chain), f"{stem}: no Enhance-A-Video on the {noise} expert"
+        assert chain[-1]["type"] == "UNETLoader" and noise in chain[-1]["widgets_values"][0], chain[-1]
+        loaders.append(chain[-1]["id"])
+    assert loaders[0] != loaders[1]
+
+
+def wan22_run(page, server, stem: str) -> dict:
+    workflow = tiny_wan22_variant(load(ROOT / "workflows" / f"{stem}.json"))
+    high, low = wan22_experts(workflow)
+    files = check_each_node_acts(page, server, stem, workflow, [(low["id"], 0, "final")])
+    (video,) = [p for p in files.values() if p.suffix == ".mp4"]
+    check_video(video, 9, (64, 64))
+    return files
+
+
+def test_wan22_t2v_14b_tiny_run_from_the_run_button(page, server):
+    wan22_run(page, server, "wan22_t2v_14b_enhance_a_video")
+
+
+def test_wan22_i2v_14b_tiny_run_from_the_run_button(page, server):
+    """The image-to-video graph (LoadImage -> WanImageToVideo, ComfyUI's example.png) samples on the
+    tiny experts, decodes, and each Enhance-A-Video node acts."""
+    wan22_run(page, server, "wan22_i2v_14b_enhance_a_video")
+
+
+# LTX-2 and MiniMax H3 exist only in newer ComfyUI (0.33 has both): the module of each family and the
+# node types its workflow needs from it, and its id in support/families.py. On a ComfyUI without them the page shows those node types as
+# missing (its own "missing nodes" dialog), which is all such a ComfyUI can do with the file.
+NEWER_FAMILIES = {
+    "ltx2_t2v_enhance_a_video": ("LTX-2", "comfy.ldm.lightricks.av_model", "ltx2"),
+    "minimax_h3_t2v_enhance_a_video": ("MiniMax H3", "comfy.ldm.minimax.model", "minimax_h3"),
+}
+
+
+def comfy_has(module: str) -> bool:
+    """Whether the running ComfyUI (the one the servers start) has `module`."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def missing_here(server, stem: str) -> list[str]:
+    """Node types of workflow `stem` that this server does not know."""
+    return sorted({n["type"] for n in load(ROOT / "workflows" / f"{stem}.json")["nodes"]
+                   if n["type"] not in NOTE_TYPES and n["type"] not in server.object_info})
+
+
+def test_newer_family_workflows_name_their_comfyui(server):
+    """Each LTX-2 / MiniMax H3 workflow says in its note that it needs a ComfyUI with the family; where
+    this ComfyUI has the family, every node type of the file is known (no misspelt type hides behind
+    'needs a newer ComfyUI'), and where it has not, the node types it lacks are ComfyUI's own (the
+    family's and nothing of this pack)."""
+    for stem, (family, module, _) in NEWER_FAMILIES.items():
+        workflow = load(ROOT / "workflows" / f"{stem}.json")
+        assert f"Needs a ComfyUI with {family} (0.33 has it)" in note_text(workflow), stem
+        missing = missing_here(server, stem)
+        if comfy_has(module):
+            assert not missing, f"{stem}: node types {missing} unknown to a ComfyUI that has {family}"
+        else:
+            assert missing and not any(kind.startswith("FreeVideo") for kind in missing), (stem, missing)
+            print(f"{stem}: this ComfyUI lacks {module}; the page shows {missing} as missing node types")
+
+
+def tiny_av_variant(workflow: dict, stem: str, input_dir: Path) -> tuple[dict, list[tuple[int, int, str]]]:
+    """An LTX-2 / MiniMax H3 workflow on the family's tiny model: the diffusion model's loader names
+    the tiny file, the text encoder becomes the test conditioning node (the family's text width),
+    3 sampling steps; the decoders (no tiny audio-video VAEs here) are left out, and the sampled
+    latent is split into video and audio (ComfyUI's LTXVSeparateAVLatent, for any AV model) to be
+    saved. Returns the variant and the (node, slot, name) of the video and audio latents."""
+    workflow = json.loads(json.dumps(workflow))
+    by_type = lambda kind: [n for n in workflow["nodes"] if n["type"] == kind]  # noqa: E731
+    fam = families.BY_ID[NEWER_FAMILIES[stem][2]]
+    model_file = getattr(tiny_models, fam.file)().name
+    decoders = ("VAEDecode", "VAEDecodeTiled", "VAEDecodeAudio", "LTXVAudioVAEDecode", "CreateVideo", "SaveVideo",
+                "CLIPLoader", "LTXAVTextEncoderLoader", "LTXVAudioVAELoader", "VAELoader")
+    drop_nodes(workflow, {n["id"] for n in workflow["nodes"] if n["type"] in decoders})
+
+    def text_node(node: dict, text: str) -> None:
+        node["type"] = "FreeVideoTestTextConditioning"
+        node["inputs"], node["widgets_values"] = [], [text, 8, fam.text_dim]
+        node["outputs"] = [{"name": "CONDITIONING", "type": "CONDITIONING", "links": node["outputs"][0]["links"], "slot_index": 0}]
+
+    for node in workflow["nodes"]:
+        kind, values = node["type"], node.get("widgets_values")
+        if kind == "CheckpointLoaderSimple":  # LTX-2: the model alone, from the diffusion-model loader
+            node["type"], node["widgets_values"] = "UNETLoader", [model_file, "default"]
+            node["outputs"] = node["outputs"][:1]
+        elif kind == "UNETLoader":
+            values[0] = model_file
+        elif kind == "CLIPTextEncode":
+            text_node(node, values[0])
+        elif kind == "EmptyLTXVLatentVideo":
+            values[:3] = [fam.size * 32, fam.size * 32, 17]  # 3 latent frames of size x size
+        elif kind == "LTXVEmptyLatentAudio":
+            # Its audio VAE only tells the latent's shape: the family's empty audio latent, from a file.
+            node["type"], node["inputs"], node["widgets_values"] = "LoadLatent", [], [tiny_audio_latent(fam, input_dir)]
+            node["outputs"] = [{"name": "LATENT", "type": "LATENT", "links": node["outputs"][0]["links"], "slot_index": 0}]
+        elif kind == "LTXVScheduler":
+            values[0] = 3
+        elif kind == "BasicScheduler":
+            values[1] = 3
+        elif kind == "MiniMaxH3ImageToVideo":
+            # Conditioning from the test node, the latent from H3's own empty-latent node.
+            links = {link[0]: link for link in workflow["links"]}
+            cond_links, latent_links = node["outputs"][0]["links"], node["outputs"][1]["links"]
+            text_node(node, values[0])
+            node["outputs"][0]["links"] = cond_links
+            latent_id = workflow["last_node_id"] = workflow["last_node_id"] + 1
+            workflow["nodes"].append({
+                "id": latent_id, "type": "EmptyMiniMaxH3LatentAV", "pos": [node["pos"][0], node["pos"][1] + 340],
+                "size": [315, 106], "flags": {}, "order": len(workflow["nodes"]), "mode": 0, "inputs": [],
+                "outputs": [{"name": "LATENT", "type": "LATENT", "links": latent_links, "slot_index": 0}],
+                "properties": {}, "widgets_values": [fam.size * 16, fam.size * 16, 22]})  # 7 latent frames of size x size
+            for link_id in latent_links:
+                links[link_id][1], links[link_id][2] = latent_id, 0
+    (sampler,) = by_type("SamplerCustomAdvanced")
+    separate = by_type("LTXVSeparateAVLatent")
+    if not separate:
+        split_id = workflow["last_node_id"] = workflow["last_node_id"] + 1
+        link_id = workflow["last_link_id"] = workflow["last_link_id"] + 1
+        workflow["nodes"].append({
+            "id": split_id, "type": "LTXVSeparateAVLatent", "pos": [sampler["pos"][0] + 340, sampler["pos"][1]],
+            "size": [250, 66], "flags": {}, "order": len(workflow["nodes"]), "mode": 0,
+            "inputs": [{"name": "av_latent", "type": "LATENT", "link": link_id}],
+            "outputs": [{"name": "video_latent", "type": "LATENT", "links": [], "slot_index": 0},
+                        {"name": "audio_latent", "type": "LATENT", "links": [], "slot_index": 1}],
+            "properties": {}, "widgets_values": []})
+        workflow["links"].append([link_id, sampler["id"], 0, split_id, 0, "LATENT"])
+        sampler["outputs"][0]["links"] = (sampler["outputs"][0].get("links") or []) + [link_id]
+        separate = [workflow["nodes"][-1]]
+    return workflow, [(separate[0]["id"], 0, "video"), (separate[0]["id"], 1, "audio")]
+
+
+def tiny_audio_latent(fam, input_dir: Path) -> str:
+    """The family's empty audio latent for the tiny video latent, as a .latent file in ComfyUI's
+    input folder (what LoadLatent reads); returns its name."""
+    import torch
+    from safetensors.torch import save_file
+    audio = families.latent(fam)["samples"].unbind()[1]
+    name = f"tiny_{fam.id}_audio.latent"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    # The version key tells LoadLatent the values are stored as they are (no SD1 scale).
+    save_file({"latent_tensor": audio.contiguous(), "latent_format_version_0": torch.tensor([])}, str(input_dir / name))
+    return name
+
+
+@pytest.mark.parametrize("stem", list(NEWER_FAMILIES))
+def test_newer_family_tiny_run_from_the_run_button(page, server, stem):
+    family, module, _ = NEWER_FAMILIES[stem]
+    if not comfy_has(module):
+        pytest.skip(f"{family} needs a newer ComfyUI (0.33 has it): this one has no {module}")
+    workflow, final = tiny_av_variant(load(ROOT / "workflows" / f"{stem}.json"), stem, server.base / "input")
+    check_each_node_acts(page, server, stem, workflow, final)
