@@ -416,11 +416,13 @@ def test_every_family_registers_and_replaces(fam, attention_map):
     report = inspect_attention(model, latent, conditioning(fam, 1), first_sigma, seed=0, attention_map=attention_map)
     assert report.top == g.last_run.registered
     assert report.entropy == pytest.approx([g.last_run.entropies[i] for i in range(len(report.entropy))], abs=1e-3)
-    # The block each layer runs in, as SkipLayerGuidanceDiT numbers it, agrees with the adapter's own
-    # block-replace points where it names them (LTX-2 has points it leaves unnamed).
-    points = adapter_for(model).prefix_points(model.get_model_object("diffusion_model"))
-    if points is not None:
-        assert report.blocks == points
+    # SkipLayerGuidanceDiT's block of each layer is the block module that holds the layer: index j of
+    # single_blocks for ("single_block", j), of the one other block list for ("double_block", j).
+    paths = [b.path for b in adapter_for(model).blocks(model.get_model_object("diffusion_model"))]
+    for point, path in zip(report.blocks, paths):
+        if point is not None:
+            assert (point[0] == "single_block") == path.startswith("single_blocks.") and path.endswith(f".{point[1]}"), (point, path)
+    assert (None in report.blocks) == (fam.id in ("cosmos_predict2", "cosmos1", "cogvideox", "kandinsky5", "ltx2", "minimax_h3"))
 
 
 @pytest.mark.families
@@ -550,3 +552,84 @@ def test_registry_and_inspector_each_equal_a_naive_entropy(wan21):
     report = inspect_attention(inspected, video_latent(), POS, sigma=0.7, seed=3)
     for layer, e in naive_per_layer(calls).items():
         assert report.entropy[layer] == pytest.approx(e, abs=1e-4), layer
+
+
+# --- the inspector's layer lists in a graph -------------------------------------------------------
+
+def tiny_api_prompt(workflow: dict, object_info: dict) -> dict:
+    """A workflow file in API format (converted against the server's node definitions, links kept)
+    on the tiny models: tiny Wan and VAE, the test conditioning node for each text encoder, a 64x64
+    latent of 9 frames, 3 steps; each sampler's latent saved exactly, no video files."""
+    import sys
+    from support import tiny_models
+    from support.comfy_server import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from workflow_api import to_api
+    prompt = to_api(workflow, object_info)
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in ("CLIPLoader", "VAEDecode", "CreateVideo", "SaveVideo", "PreviewImage"):
+            del prompt[node_id]  # nothing left uses them: the text encoders become test nodes below
+        elif kind == "UNETLoader":
+            inputs["unet_name"] = tiny_models.wan21_t2v().name
+        elif kind == "VAELoader":
+            inputs["vae_name"] = tiny_models.wan21_vae().name
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": inputs["text"], "tokens": 8, "dim": 4096}}
+        elif kind == "EmptyHunyuanLatentVideo":
+            inputs.update(width=64, height=64, length=9)
+        elif kind == "KSampler":
+            inputs["steps"] = 3
+            prompt[f"save{node_id}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node_id, 0], "filename_prefix": f"layers/{node_id}"}}
+    return prompt
+
+
+@pytest.mark.server
+def test_inspector_layer_lists_through_links_drive_guidance_and_skip_layer_guidance(comfy_server):
+    """workflows/wan21_inspector_layers_to_guidance.json through ComfyUI's server on the tiny Wan: the
+    inspector's lists reach IE-Adapt guidance and SkipLayerGuidanceDiT through their links; each
+    sampled latent equals the same graph with the lists typed by hand (inspector removed), and another
+    layer typed by hand gives another latent (the list is what acts)."""
+    import json
+    from safetensors.torch import load_file
+    from support.comfy_server import ROOT
+    workflow = json.loads((ROOT / "workflows" / "wan21_inspector_layers_to_guidance.json").read_text())
+    info = comfy_server.get("/object_info")
+    prompt = tiny_api_prompt(workflow, info)
+    (inspector,) = [k for k, n in prompt.items() if n["class_type"] == "FreeVideoAttentionInspector"]
+    (guidance,) = [k for k, n in prompt.items() if n["class_type"] == "FreeVideoEntropyGuidance"]
+    (slg,) = [k for k, n in prompt.items() if n["class_type"] == "SkipLayerGuidanceDiT"]
+    assert prompt[guidance]["inputs"]["layers"] == [inspector, 2]
+    assert (prompt[slg]["inputs"]["double_layers"], prompt[slg]["inputs"]["single_layers"]) == ([inspector, 3], [inspector, 4])
+    samplers = {name: next(k for k, n in prompt.items() if n["class_type"] == "KSampler" and n["inputs"]["model"] == [src, 0])
+                for name, src in (("guided", guidance), ("slg", slg))}
+    for slot in (2, 3, 4):
+        prompt[f"show{slot}"] = {"class_type": "PreviewAny", "inputs": {"source": [inspector, slot]}}
+
+    def run(p):
+        entry = comfy_server.run(p)
+        files = {f.name.split("_")[0]: f for f in comfy_server.output_files(entry) if f.suffix == ".latent"}
+        latents = {name: load_file(str(files[k]))["latent_tensor"] for name, k in samplers.items()}
+        return entry, latents
+
+    entry, linked = run(prompt)
+    layers, double, single = (entry["outputs"][f"show{slot}"]["text"][0] for slot in (2, 3, 4))
+    assert len(layers.split(", ")) == 1 and (double, single) == (layers, ""), (layers, double, single)
+
+    def typed(layer_list: str) -> dict:
+        p = json.loads(json.dumps(prompt))
+        for key in [inspector, "show2", "show3", "show4"] + [k for k, n in p.items() if n["inputs"].get("source") == [inspector, 1]]:
+            p.pop(key)
+        p[guidance]["inputs"]["layers"] = layer_list
+        p[slg]["inputs"].update(double_layers=layer_list, single_layers="")
+        return p
+
+    _, by_hand = run(typed(layers))
+    other = str((int(layers) + 1) % 4)
+    _, other_layer = run(typed(other))
+    for name in samplers:
+        assert torch.isfinite(linked[name]).all() and linked[name].std() > 0.1
+        assert torch.equal(linked[name], by_hand[name]), name
+        change = ((other_layer[name] - linked[name]).norm() / linked[name].norm()).item()
+        print(f"{name}: layer {layers} from the inspector; layer {other} typed instead changes the latent by {change:.3e} (relative)")
+        assert change > 1e-4, (name, change)

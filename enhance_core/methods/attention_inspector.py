@@ -9,12 +9,10 @@ the model's own model_sampling), so conditioning, latent format and patches are 
 The layers the guidance would register (the top_k highest entropy) also come out as layer lists a
 graph can wire: in our numbering for our nodes' `layers` inputs, and as the block numbers ComfyUI's
 SkipLayerGuidanceDiT skips. Those are the model's block-replace points (patches_replace["dit"]
-[("double_block" | "single_block", j)]); which point holds which self-attention layer is read from
-the same evaluation, not assumed per family.
+[("double_block" | "single_block", j)]) as the family adapter names them in layer order.
 """
 
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,25 +89,6 @@ class AttentionReport:
 SLG_BLOCKS = ("double_block", "single_block")
 
 
-def _stamp_block_points(clone, count: int) -> threading.local:
-    """Wrap the block-replace points ("double_block" | "single_block", 0..count-1) of the clone so
-    that code running inside a block sees its point in `.point` of the returned per-thread object. A
-    model calls a point only where it has one; an entry already there (another node's) still runs,
-    inside ours."""
-    current = threading.local()
-    dit = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for kind in SLG_BLOCKS:
-        for j in range(count):
-            def stamp(args, extra, point=(kind, j), inner=dit.get((kind, j))):
-                outer, current.point = getattr(current, "point", None), point
-                try:
-                    return inner(args, extra) if inner is not None else extra["original_block"](args)
-                finally:
-                    current.point = outer
-            clone.set_model_patch_replace(stamp, "dit", kind, j)
-    return current
-
-
 def _one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """A k-diffusion style sampler that evaluates the model once, at sigmas[0]."""
     model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
@@ -154,10 +133,8 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector")
     entropy_sums, cfi_sums = LayerSums(), LayerSums()
     progress = comfy.utils.ProgressBar(n_layers)
-    block_point, blocks = _stamp_block_points(clone, n_layers), {}
 
     def measure(call):
-        blocks.setdefault(call.layer, getattr(block_point, "point", None))
         cond = call.rows(0)
         if cond:
             video = call.video
@@ -185,8 +162,10 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     entropy = [entropies[i] for i in range(n_layers)]
     cfi = [cfis.get(i) for i in range(n_layers)]
     top = highest(entropies, top_k)
-    return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map,
-                           [blocks.get(i) for i in range(n_layers)])
+    # SkipLayerGuidanceDiT's numbering: the block-replace point of each layer, as the adapter names
+    # them (None: the family has none, or none the adapter names).
+    blocks = adapter.prefix_points(model.get_model_object("diffusion_model")) or [None] * n_layers
+    return AttentionReport(float(sigma), entropy, cfi, top, rows is None, attention_map, list(blocks))
 
 
 # chart --------------------------------------------------------------------------------------------
