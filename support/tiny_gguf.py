@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from support.tiny_models import partial_path
+
 # Non-block parts that real Wan files keep unquantized.
 UNQUANTIZED_PREFIXES = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "head.", "img_emb.")
 
@@ -47,7 +49,7 @@ def wan_to_gguf(src: Path, dst: Path, qtype_name: str = "Q8_0") -> dict[str, int
         writer.add_tensor(key, data, raw_dtype=kind)
         counts[kind.name] = counts.get(kind.name, 0) + 1
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".partial")
+    tmp = partial_path(dst)
     writer.write_header_to_file(path=str(tmp))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -6,6 +6,7 @@ cache folder (FREEVIDEO_MODEL_CACHE, default .runtime/tiny_models) and reused af
 """
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -34,17 +35,24 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(value.to(p.dtype))
 
 
-def _save(module: torch.nn.Module, path: Path, prefix: str = "") -> Path:
+def partial_path(path: Path) -> Path:
+    """Where to write `path` before renaming it into place: a name of this process's own, as parallel
+    test workers may build the same cached file at once."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+def _save(module: torch.nn.Module, path: Path, prefix: str = "", metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({prefix + k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    tmp = partial_path(path)
+    save_file({prefix + k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
 
-def _cached(name: str, build, seed: int = 0, fix=None) -> Path:
-    """The cached file `name`, built, initialised (and adjusted by `fix`) on first use."""
+def _cached(name: str, build, seed: int = 0, fix=None, config: dict | None = None) -> Path:
+    """The cached file `name`, built, initialised (and adjusted by `fix`) on first use; `config`
+    goes into the file's "config" metadata, where ComfyUI reads some models' variant from."""
     path = CACHE / name
     if not path.exists():
         module = build()
@@ -52,7 +60,7 @@ def _cached(name: str, build, seed: int = 0, fix=None) -> Path:
         if fix is not None:
             with torch.no_grad():
                 fix(module)
-        _save(module, path)
+        _save(module, path, metadata=None if config is None else {"config": json.dumps(config)})
     return path
 
 
@@ -277,20 +285,11 @@ def ltx2() -> Path:
     """LTX-2 audio-video layout (LTXAVModel): 2 blocks, video 32 heads of 8, audio 4 heads of 16,
     text features of 2 x 64 (video and audio halves, as the model's own text connectors give them).
     Newer ComfyUI only."""
-    import json
-    path = CACHE / "tiny_ltx2.safetensors"
-    if not path.exists():
+    def build():
         import comfy.ops
         from comfy.ldm.lightricks.av_model import LTXAVModel
-        from safetensors.torch import save_file
-        module = LTXAVModel(**LTX2_CONFIG, operations=comfy.ops.disable_weight_init)
-        init_weights(module)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps({"transformer": LTX2_CONFIG})})
-        os.replace(tmp, path)
-    return path
+        return LTXAVModel(**LTX2_CONFIG, operations=comfy.ops.disable_weight_init)
+    return _cached("tiny_ltx2.safetensors", build, config={"transformer": LTX2_CONFIG})
 
 
 # --- Models the video methods refuse: the backbone of a supported family, another model -------
@@ -300,11 +299,10 @@ def wan21_causal_ar() -> Path:
     """Autoregressive Wan 2.1 (CausalWanModel, Causal Forcing): the tiny Wan 2.1 T2V weights (the
     real model's are Wan 2.1's too) with the "config" metadata its released files carry, which is
     what makes ComfyUI's loader pick WAN21_CausalAR_T2V. Newer ComfyUI only."""
-    import json
     from safetensors.torch import load_file, save_file
     path = CACHE / "tiny_wan21_causal_ar.safetensors"
     if not path.exists():
-        tmp = path.with_suffix(".partial")
+        tmp = partial_path(path)
         save_file(load_file(str(wan21_t2v())), str(tmp), metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
         os.replace(tmp, path)
     return path

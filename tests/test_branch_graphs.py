@@ -9,8 +9,6 @@ The docstrings give what each test measured on the code it was written against (
 ComfyUI 0.3.75 unless said): the defect it failed for, or that it passed there.
 """
 
-import json
-
 import pytest
 import torch
 
@@ -293,17 +291,7 @@ def tiny_wan_variant(name, build, config=None):
     """A tiny Wan variant from ComfyUI's own class, saved with its real key names (and the config
     metadata a checkpoint carries where ComfyUI reads the variant from it) and loaded through
     ComfyUI's loader."""
-    from safetensors.torch import save_file
-    path = tiny_models.CACHE / name
-    if not path.exists():
-        module = build()
-        tiny_models.init_weights(module)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(partial),
-                  metadata=None if config is None else {"config": json.dumps(config)})
-        partial.replace(path)
-    return tiny_models.load_diffusion_model(path)
+    return tiny_models.load_diffusion_model(tiny_models._cached(name, build, config=config))
 
 
 def humo():
