@@ -6,8 +6,10 @@ The snapshots come from FREEVIDEO_PEERS (default ../shared/peers beside the repo
 __init__.py also imports their diffusers nodes, which need a package the tests do not.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -46,6 +48,7 @@ def _import(pack: str):
         raise Unavailable(f"peer pack {pack} not found: no {pack}-*.tar.gz in {PEERS} (set FREEVIDEO_PEERS to the "
                           "folder holding the peer pack snapshots)")
     dest = Path(tempfile.mkdtemp(prefix="freevideo-peers-"))
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
     with tarfile.open(tarballs[-1]) as tf:
         tf.extractall(dest, filter="data")
     # The snapshot's top folder is the pack's name, with or without its commit.
