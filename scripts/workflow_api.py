@@ -15,7 +15,8 @@ def _spec(info: dict) -> list[tuple[str, list]]:
 
 
 def _is_widget(declared: list) -> bool:
-    kind = declared[0]
+    # An input of several types ("FLOAT,INT": LTX-2's frame_rate) names the widget it shows.
+    kind = (declared[1] if len(declared) > 1 else {}).get("widgetType", declared[0])
     return isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO
 
 
