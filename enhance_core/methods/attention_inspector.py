@@ -130,7 +130,8 @@ def inspect_attention(model, latent: dict, positive, sigma: float, seed: int = 0
     rows = None if entropy_rows == 0 else entropy_rows
 
     clone = model.clone()
-    hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector")
+    hooks = SelfAttentionLayers(clone, adapter, "freevideo_attention_inspector", "Attention inspector",
+                                fail_if_bypassed=True)
     entropy_sums, cfi_sums = LayerSums(), LayerSums()
     progress = comfy.utils.ProgressBar(n_layers)
 

@@ -97,7 +97,7 @@ class EntropyEditing:
             return
         self.key = f"freevideo_ie_adapt_edit_{id(self)}"
         state = self
-        SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt editing").route(
+        SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt editing", fail_if_bypassed=True).route(
             range(self.n_layers), lambda call: state._attention(call))
         self.runner = BranchRunner(clone, self.key, lambda args: state._calc_cond_batch(args))
         # The run's holder is made by _new_run, which also adds the source conds to the guider.

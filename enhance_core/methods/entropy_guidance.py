@@ -105,7 +105,7 @@ class EntropyGuidance:
         if self.scale == 0:
             return
         self.key = f"freevideo_ie_adapt_{id(self)}"
-        hooks = SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt guidance")
+        hooks = SelfAttentionLayers(clone, adapter, self.key, "IE-Adapt guidance", fail_if_bypassed=True)
         state = self
         hooks.route(range(n_layers) if self.auto else self.manual, lambda call: state._attention(call))
         self.runner = BranchRunner(clone, self.key, lambda args: state._calc_cond_batch(args))

@@ -32,13 +32,16 @@ class _RoutingState(threading.local):
 
 
 class SelfAttentionLayers:
-    def __init__(self, clone, adapter, key: str, name: str):
+    def __init__(self, clone, adapter, key: str, name: str, fail_if_bypassed: bool = False):
         # Weakly: the clone's wrappers hold this object, and a cycle between them would keep the
         # clone (and the model it holds) alive until a full garbage collection, which ComfyUI then
         # runs before every model load.
         self._clone = weakref.ref(clone)
         self.adapter = adapter
         self.name = name
+        # Raise, rather than warn, where a neighbour bypasses every layer (methods whose extra conds
+        # or measurements would otherwise fail obscurely or mean nothing).
+        self.fail_if_bypassed = fail_if_bypassed
         self.sites = adapter.sites(clone.get_model_object("diffusion_model"))
         self.call = _RoutingState()
         self._handler = None
@@ -101,6 +104,8 @@ class SelfAttentionLayers:
         return around
 
     def _model_call(self, executor, x, *args, **kwargs):
+        if "forward_orig" in vars(getattr(executor.class_obj, "diffusion_model", executor.class_obj)):
+            self._forward_replaced()
         call = self.call
         call.layout = self.adapter.layout(executor.class_obj, x, args, kwargs)
         call.armed = None
@@ -111,6 +116,19 @@ class SelfAttentionLayers:
             call.layout = call.armed = None
         self._report_unreached(call)
         return out
+
+    def _forward_replaced(self) -> None:
+        # TeaCache and MagCache set the model's forward_orig on the instance for the call; their copy
+        # runs the blocks without the call's transformer_options, where our attention override lives.
+        why = (f"{self.name} cannot act on this model: another node replaced the model's forward for this call "
+               "(forward_orig, as the step caches TeaCache and MagCache do), which runs the blocks without ComfyUI's "
+               f"per-call options, so no layer reaches {self.name}")
+        if self.fail_if_bypassed:
+            raise RuntimeError(f"{why}. Take the step cache out of this model's chain (ComfyUI's EasyCache keeps the "
+                               "model's forward).")
+        if not self._warned:
+            self._warned = True
+            log.warning("%s; it is not applied", why)
 
     def _report_unreached(self, call) -> None:
         if self._warned:
