@@ -262,8 +262,9 @@ def test_workflow_loads_in_the_page(page, server, path, tmp_path):
     prompt = page.graph_to_prompt()
     for node in ours:
         sent = prompt[str(node["id"])]["inputs"]
+        linked = {i["name"] for i in nodes[node["id"]].get("inputs", []) if i.get("link") is not None}
         for name, want in meant_widgets(nodes[node["id"]], server.object_info[node["type"]]):
-            if name != "control_after_generate":
+            if name != "control_after_generate" and name not in linked:  # a linked widget sends its link
                 assert same(sent[name], want), f"{path.name} node {node['id']} {name}: page queues {sent[name]!r}, file {want!r}"
 
     # The note says which model files go where.
@@ -419,12 +420,27 @@ def check_inspector(files: dict[str, Path], texts: list[str]) -> None:
     assert table.count("\n") >= 4, table
 
 
+def check_layer_lists(files: dict[str, Path], texts: list[str]) -> None:
+    """The inspector's chart and report (which names the lists it sent), and the two samplers fed by
+    its lists: IE-Adapt guidance ("changed") and SkipLayerGuidanceDiT (core, so "plain"), both videos."""
+    import torch
+    check_inspector(files, texts)
+    (table,) = texts
+    assert "layers output (FreeVideo nodes' layers inputs): " in table and "SkipLayerGuidanceDiT: double_layers" in table, table
+    guided, skipped = saved_latent(files["changed"]), saved_latent(files["plain"])
+    assert torch.isfinite(guided).all() and torch.isfinite(skipped).all()
+    assert relative_difference(guided, skipped) > 1e-3
+    for name in ("wan21_inspector_ie_adapt", "wan21_inspector_slg"):
+        check_video(files[name], 9, (64, 64))
+
+
 RUNS = {
     "wan21_t2v_enhance_a_video": lambda files, texts: check_side_by_side(
         files, "wan21_enhance_a_video", "wan21_enhance_a_video_side_by_side"),
     "wan21_entropy_guidance": lambda files, texts: check_side_by_side(
         files, "wan21_ie_adapt", "wan21_ie_adapt_side_by_side"),
     "wan21_attention_inspector": check_inspector,
+    "wan21_inspector_layers_to_guidance": check_layer_lists,
 }
 
 
