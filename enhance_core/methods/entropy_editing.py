@@ -16,7 +16,8 @@ The source's trajectory, one latent per level (sampling/trajectory.py): generate
 Euler steps with plain CFG (exact for euler without CFG modifiers), from the run's first step even before the
 window opens; or a real video's DDIM inversion, whose top latent replaces the sampler's start only in a run at
 the top of the schedule. A stage that ends with leftover noise hands the source on to the sampler that continues
-its latent (sampling/stage_handover.py).
+its latent (sampling/stage_handover.py). Under a noise mask (SetLatentNoiseMask, differential diffusion) the
+source gets the sampler's blends (sampling/noise_mask.py): outside the mask it sees the video the target sees.
 """
 
 import dataclasses
@@ -36,10 +37,11 @@ from ..patching.run_state import RunState, per_run_state, run_state
 from ..patching.sigma_window import SigmaWindow
 from ..sampling.branches import Branch, BranchRunner, batch_plan
 from ..sampling.entropy_registry import LayerSums, lowest
+from ..sampling.noise_mask import NoiseMask
 from ..sampling.row_pairs import CondPairs
 from ..sampling.stage_handover import StageHandover
 from ..sampling.step_store import StepStore
-from ..sampling.trajectory import as_sampled, euler_cfg_step, invert_up, noise_for_start, starts_at_top
+from ..sampling.trajectory import as_sampled, euler_cfg_step, invert_up, start_from_inversion, starts_at_top
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class _Run(RunState):
         self.missed = set()  # target conds a forward of this step could not edit (their source had not run)
         self.replays = 0  # steps whose missed targets were evaluated again
         self.warned = set()  # what the log said once in this run
+        self.mask = None  # the latent's noise mask (NoiseMask), applied to the source as to the target
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,8 @@ class EntropyEditing:
                       state._start_run(guider, sigmas))
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key + "/source",
                                    lambda executor, *a, **kw: state._new_run(executor, *a, **kw))
-        if self.source_latent is not None:
-            clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
-                                       lambda executor, *a, **kw: state._start_at_source(executor, *a, **kw))
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key,
+                                   lambda executor, *a, **kw: state._sampler_sample(executor, *a, **kw))
 
     def _start_run(self, guider, sigmas):
         # last_run: the latest run, for inspection; sampling reads the run through the call's options.
@@ -129,7 +131,7 @@ class EntropyEditing:
         finally:
             guider.conds.pop(SOURCE_CONDS, None)
             if run is not None:  # last_run outlives the run, the guider (holding the clone, which holds us) must not
-                run.guider = None
+                run.guider = run.mask = None
         if run is not None and self.source_latent is None:  # the source handed on to a next stage, if any
             _HANDOVER.record(out, sigmas, run.levels, (self.key, run.layers, run.entropies))
         return out
@@ -160,13 +162,15 @@ class EntropyEditing:
         # A generated source advances from the run's first step, even before the window opens.
         if not inside and not (self.source_latent is None and level > self.window.sigma_start):
             return self.runner.run(args)[0]
-        if not run.levels and self.source_latent is None:
-            run.levels[level] = args["input"]  # the sampler's own noise: the same start
+        if not run.levels and self.source_latent is None:  # the sampler's own start (before a mask's blend)
+            run.levels[level] = args["input"] if run.mask is None else run.mask.start
         x_src = run.levels.get(level)
         if x_src is None:
             log.warning("IE-Adapt editing: the source has no latent at sigma %.4g (a sampler that evaluates between "
                         "schedule levels); this step is not edited", level)
             return self.runner.run(args)[0]
+        if run.mask is not None:  # outside a noise mask the source sees what the target sees
+            x_src = run.mask.model_input(x_src, sigma, args["model_options"])
         branches = [Branch(run.guider.conds[SOURCE_CONDS], ("source", 0), x_src)]
         if len(conds) > 1 and conds[1] is not None:
             branches.append(Branch(conds[1], ("source", 1), x_src))
@@ -187,7 +191,7 @@ class EntropyEditing:
                 self._replay(args, run, step, out)
         finally:
             run.store.clear()
-        self._advance(run, level, x_src, source_out)
+        self._advance(run, level, source_out, args)
         return out
 
     def _replay(self, args, run, step, out):
@@ -202,40 +206,35 @@ class EntropyEditing:
         for i in missed:
             out[i] = again[i]
 
-    def _start_at_source(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs):
-        """A real video: DDIM-invert it with the source prompt up the run's schedule (its inverted
-        latents are the source's trajectory). A run at the top of the schedule starts the target
-        where the inversion ends (the paper edits a real video from its inverted noise); a later
-        stage continues from its input."""
+    def _sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs):
+        """A real video: DDIM-invert it with the source prompt up the run's schedule (its inverted latents are
+        the source's trajectory); a run at the top of the schedule starts the target where the inversion ends
+        (the paper edits a real video from its inverted noise), a later stage continues from its input. Then the
+        run's noise mask, if its latent has one, with the noise the sampler holds, for the source branch."""
         run = run_state(extra_args["model_options"], self.key)
-        if run is None:
-            return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
         model, options = guider.inner_model, extra_args["model_options"]
-        source = run.guider.conds[SOURCE_CONDS]
-
-        def predict(z, level):
-            s = torch.full((z.shape[0],), level, device=z.device, dtype=sigmas.dtype)
-            return self.runner.evaluate(model, [source], z, s, options)[0]
-        x = model.process_latent_in(as_sampled(self.source_latent).to(noise)).expand_as(noise).clone()
-        start = invert_up(predict, x, sigmas, model.model_sampling, run.levels)
-        top = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
-        replaced = noise_for_start(model.model_sampling, sigmas[0], start, latent_image, top) if top else None
-        noise = noise if replaced is None else replaced
-        log.log(logging.WARNING if top and replaced is None else logging.INFO,
-                "IE-Adapt editing: the source video was inverted over %d levels up to sigma %.4g; %s", len(run.levels),
-                float(sigmas[0]), "the target starts from the inverted latent, not from the sampler's noise" if replaced
-                is not None else "the run starts below the top of the schedule: the target continues from its input"
-                if not top else f"this model's sampling ({type(model.model_sampling).__name__}) does not start from "
-                "noise: the target starts where the sampler starts, not from the inverted source")
+        if run is not None and self.source_latent is not None:
+            def predict(z, level):
+                s = torch.full((z.shape[0],), level, device=z.device, dtype=sigmas.dtype)
+                return self.runner.evaluate(model, [run.guider.conds[SOURCE_CONDS]], z, s, options)[0]
+            x = model.process_latent_in(as_sampled(self.source_latent).to(noise)).expand_as(noise).clone()
+            start = invert_up(predict, x, sigmas, model.model_sampling, run.levels)
+            top = executor.class_obj.max_denoise(guider, sigmas)  # as the sampler will call it
+            noise = start_from_inversion(model.model_sampling, sigmas, start, noise, latent_image, top, "IE-Adapt editing")
+        if run is not None:
+            run.mask = NoiseMask.of_run(executor.class_obj, guider, sigmas, extra_args, noise, latent_image,
+                                        args[0] if args else kwargs.get("denoise_mask"))
         return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
 
-    def _advance(self, run, level, x_src, source_out):
+    def _advance(self, run, level, source_out, args):
         """The source's next latent on the schedule (a generated source): an Euler step with plain
-        CFG, so equal prompts follow the euler sampler exactly."""
+        CFG (and the noise mask's prediction), so equal prompts follow the euler sampler exactly."""
         index = [i for i, s in enumerate(run.sigmas.tolist()) if s == level]
         if self.source_latent is None and index and index[0] + 1 < len(run.sigmas):
+            x_src = run.levels[level]
             sigma, nxt = run.sigmas[index[0]:index[0] + 2].to(x_src)
-            run.levels[float(run.sigmas[index[0] + 1])] = euler_cfg_step(x_src, source_out, run.guider.cfg, sigma, nxt)
+            held = None if run.mask is None else lambda d: run.mask.prediction(d, args["sigma"], args["model_options"])
+            run.levels[float(run.sigmas[index[0] + 1])] = euler_cfg_step(x_src, source_out, run.guider.cfg, sigma, nxt, held)
 
     def _choose(self, run, level):
         run.entropies = run.sums.take_means()

@@ -5,6 +5,7 @@ sampler (an Euler step with plain CFG per level) or is a real video DDIM-inverte
 whose last latent may replace the sampler's start.
 """
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ import torch
 import comfy.utils
 
 from .ddim import ddim_inversion_step
+
+log = logging.getLogger(__name__)
 
 
 def as_sampled(samples):
@@ -27,11 +30,13 @@ def starts_at_top(model_sampling, sigmas) -> bool:
     return math.isclose(top, first, rel_tol=1e-5) or first > top
 
 
-def euler_cfg_step(x, outputs, cfg: float, sigma, sigma_next):
+def euler_cfg_step(x, outputs, cfg: float, sigma, sigma_next, prediction=None):
     """The latent at sigma_next from x at sigma: ComfyUI's CFG (uncond + cfg (cond - uncond), the
-    cond alone when outputs has no uncond) and its euler step."""
+    cond alone when outputs has no uncond) and its euler step. prediction(denoised): what the sampler
+    makes of the CFG result before its step (a noise mask's blend), if anything."""
     cond = outputs[0]
     denoised = cond if len(outputs) == 1 else outputs[1] + (cond - outputs[1]) * cfg
+    denoised = denoised if prediction is None else prediction(denoised)
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
@@ -57,3 +62,17 @@ def noise_for_start(model_sampling, sigma, start, latent_image, max_denoise):
     offset = scaling(sigma, torch.zeros_like(start), latent_image, max_denoise)
     slope = scaling(sigma, torch.ones_like(start), latent_image, max_denoise) - offset
     return None if bool((slope == 0).any()) else (start - offset) / slope
+
+
+def start_from_inversion(model_sampling, sigmas, start, noise, latent_image, top: bool, what: str):
+    """The sampler's noise for a run whose branch was inverted up to `start` (its latent at
+    sigmas[0]): at the top of the schedule (top: the sampler's max_denoise) the noise that starts the
+    sampler there, else `noise` (a later stage continues from its input). Says which in the log."""
+    replaced = noise_for_start(model_sampling, sigmas[0], start, latent_image, top) if top else None
+    log.log(logging.WARNING if top and replaced is None else logging.INFO,
+            "%s: the source video was inverted up to sigma %.4g; %s", what, float(sigmas[0]),
+            "the target starts from the inverted latent, not from the sampler's noise" if replaced is not None
+            else "the run starts below the top of the schedule: the target continues from its input" if not top
+            else f"this model's sampling ({type(model_sampling).__name__}) does not start from noise: the target "
+            "starts where the sampler starts, not from the inverted source")
+    return noise if replaced is None else replaced
