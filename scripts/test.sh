@@ -10,7 +10,12 @@ source "${FREEVIDEO_RUNTIME:-$ROOT/.runtime}/env.sh"
 setup_done=$(date +%s)
 cd "$ROOT"
 set +e
-"$FREEVIDEO_PYTHON" -m pytest -q "$@"
+# Two test processes (pytest-xdist; a file's tests stay together in one), each with one torch
+# thread: the two cores of the machine CI runs on. FREEVIDEO_TEST_WORKERS=0 runs in this process.
+workers=${FREEVIDEO_TEST_WORKERS:-2}
+parallel=()
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
+"$FREEVIDEO_PYTHON" -m pytest -q "${parallel[@]}" "$@"
 rc=$?
 set -e
 end=$(date +%s)
