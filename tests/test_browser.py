@@ -836,3 +836,57 @@ def test_newer_family_tiny_run_from_the_run_button(page, server, stem):
         pytest.skip(f"{family} needs a newer ComfyUI (0.33 has it): this one has no {module}")
     workflow, final = tiny_av_variant(load(ROOT / "workflows" / f"{stem}.json"), stem, server.base / "input")
     check_each_node_acts(page, server, stem, workflow, final)
+
+
+# --- editing inside a mask: a real video, a painted mask, the edit ------------------------------------
+
+MASKED_EDIT = "wan21_masked_entropy_editing"
+
+
+def test_masked_editing_tiny_run_from_the_run_button(page, server):
+    """The masked-editing workflow on tiny Wan: a 9-frame 64x64 source video and a mask image whose
+    left half is transparent (what the MaskEditor saves: transparent = painted = edited), Grow Mask at
+    0. Outside the mask the sampled latent is the source video's latent up to the sampler's rounding;
+    inside, the edit changes it."""
+    import av
+    import torch
+    from PIL import Image
+    inputs = server.base / "input"
+    y, x = np.mgrid[0:64, 0:64]
+    with av.open(str(inputs / "wan21_edit_source.mp4"), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.height, stream.width, stream.pix_fmt = 64, 64, "yuv420p"
+        for t in range(9):  # a gradient with a square moving right
+            frame = np.stack([x * 3, y * 3, np.full_like(x, 90)], -1)
+            frame[20:36, 8 + 4 * t:24 + 4 * t] = (230, 40, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[:, :32] = 0
+    Image.fromarray(np.dstack([np.full((64, 64, 3), 128, dtype=np.uint8), alpha]), "RGBA").save(inputs / "wan21_edit_mask.png")
+
+    workflow = tiny_variant(load(ROOT / "workflows" / f"{MASKED_EDIT}.json"))
+    for node in workflow["nodes"]:
+        if node["type"] == "ImageFromBatch":
+            node["widgets_values"] = [0, 9]
+        elif node["type"] == "ImageScale":
+            node["widgets_values"][1:3] = [64, 64]
+        elif node["type"] == "GrowMask":
+            node["widgets_values"][0] = 0
+    sampler = next(n["id"] for n in workflow["nodes"] if n["type"] == "KSampler")
+    encoder = next(n["id"] for n in workflow["nodes"] if n["type"] == "VAEEncode")
+    add_save_latent(workflow, sampler, 0, "changed")
+    add_save_latent(workflow, encoder, 0, "source")
+    files, _ = run_from_page(page, server, workflow, f"{MASKED_EDIT}_tiny.json")
+    source, edited = saved_latent(files["source"]), saved_latent(files["changed"])
+    assert source.shape == edited.shape == (1, 16, 3, 8, 8) and torch.isfinite(edited).all()
+    keep, edit = (Ellipsis, slice(4, None)), (Ellipsis, slice(None, 4))  # latent columns of the mask's right, left half
+    outside = float((edited[keep] - source[keep]).abs().max())
+    inside = relative_difference(edited[edit], source[edit])
+    print(f"{MASKED_EDIT}: outside the mask max |edit - source| {outside:.3g} (peak {float(source.abs().max()):.3g}); "
+          f"inside relative change {inside:.3g}")
+    assert outside <= 1e-5 * float(source.abs().max())
+    assert inside > 1e-2
+    check_video(files["wan21_ie_adapt_masked_edit_side_by_side"], 9, (64, 64 + 8 + 64))
