@@ -17,7 +17,8 @@ class EntropyEditing(io.ComfyNode):
                 "lowest entropy the target takes the source's attention map, so layout and motion stay and the look "
                 "follows the prompt. Put it between the model loader and a euler sampler; source_positive describes "
                 "the source, a real video goes in source_latent, and without it the source is generated from the "
-                "sampler's own noise. "
+                "sampler's own noise. With a masked latent (SetLatentNoiseMask, also with Differential Diffusion) it edits "
+                "inside the mask and the sampler keeps the latent outside it; the source sees the same kept background. "
                 "Supported: " + "; ".join(supported_families()) + "."
             ),
             inputs=[
