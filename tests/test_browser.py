@@ -48,6 +48,7 @@ MODEL_FILES = {
     "ADE_LoadAnimateDiffModel": [(0, "animatediff_models")],
     "LTXAVTextEncoderLoader": [(0, "text_encoders"), (1, "checkpoints")],
     "LTXVAudioVAELoader": [(0, "checkpoints")],
+    "LoraLoaderModelOnly": [(0, "loras")],
 }
 NOTE_TYPES = ("Note", "MarkdownNote")
 SEED_CONTROL = ("fixed", "increment", "decrement", "randomize")
@@ -107,7 +108,7 @@ def server(chromium, tmp_path_factory):
         (base / "custom_nodes" / snapshot_prefix).symlink_to(base / "peers" / snapshot_prefix)
         installed[prefix] = pack
     models = {"diffusion_models": [tiny_models.wan21_t2v(), *tiny_wan22_files().values()],
-              "vae": [tiny_models.wan21_vae()]}
+              "vae": [tiny_models.wan21_vae()], "loras": list(tiny_wan22_loras().values())}
     for family, module, family_id in NEWER_FAMILIES.values():
         if comfy_has(module):
             models["diffusion_models"].append(getattr(tiny_models, families.BY_ID[family_id].file)())
@@ -704,6 +705,66 @@ def test_wan22_i2v_14b_tiny_run_from_the_run_button(page, server):
     """The image-to-video graph (LoadImage -> WanImageToVideo, ComfyUI's example.png) samples on the
     tiny experts, decodes, and each Enhance-A-Video node acts."""
     wan22_run(page, server, "wan22_i2v_14b_enhance_a_video")
+
+
+# --- Wan 2.2 with step-distill LoRAs at CFG 1 ---------------------------------------------------------
+
+DISTILLED = "wan22_distilled_cfg1_entropy_guidance"
+
+
+def tiny_wan22_loras() -> dict[str, Path]:
+    """A rank-4 LoRA for each tiny Wan 2.2 T2V expert (ComfyUI's key format: lora_down / lora_up /
+    alpha on the blocks' attention and feed-forward matrices), by the lightx2v LoRA file name that
+    the distilled workflow gives it."""
+    import torch
+    from safetensors.torch import save_file
+    files = {}
+    for seed, expert in enumerate(("high", "low")):
+        path = tiny_models.CACHE / f"tiny_wan22_t2v_14b_lora_{expert}.safetensors"
+        if not path.exists():
+            g, tensors = torch.Generator().manual_seed(seed), {}
+            for block in range(4):  # the tiny expert: 4 blocks of width 256, feed-forward 512
+                for target, (rows, cols) in {"self_attn.q": (256, 256), "self_attn.v": (256, 256), "self_attn.o": (256, 256),
+                                             "cross_attn.q": (256, 256), "ffn.0": (512, 256), "ffn.2": (256, 512)}.items():
+                    key = f"diffusion_model.blocks.{block}.{target}"
+                    tensors[f"{key}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
+                    tensors[f"{key}.lora_up.weight"] = 0.5 * torch.randn(rows, 4, generator=g) / 4 ** 0.5
+                    tensors[f"{key}.alpha"] = torch.tensor(4.0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path.with_suffix(".partial")))
+            path.with_suffix(".partial").replace(path)
+        files[f"wan2.2_t2v_lightx2v_4steps_lora_v1.1_{expert}_noise.safetensors"] = path
+    return files
+
+
+def test_distilled_workflow_guides_each_expert_after_its_lora_at_cfg_1():
+    """Each expert's model passes through its own lightx2v LoRA, then its own IE-Adapt guidance;
+    both samplers at CFG 1 with the distilled step count (4 to 8)."""
+    workflow = load(ROOT / "workflows" / f"{DISTILLED}.json")
+    for expert, noise in zip(wan22_experts(workflow), ("high_noise", "low_noise")):
+        steps, cfg = expert["widgets_values"][3:5]
+        assert cfg == 1.0 and 4 <= steps <= 8, (noise, steps, cfg)
+        chain = model_chain(workflow, expert)  # from the sampler back to the loader
+        kinds = [n["type"] for n in chain]
+        assert kinds.index("FreeVideoEntropyGuidance") < kinds.index("LoraLoaderModelOnly"), kinds
+        lora = chain[kinds.index("LoraLoaderModelOnly")]
+        assert lora["widgets_values"][0] in tiny_wan22_loras() and noise in lora["widgets_values"][0], lora
+        assert chain[-1]["type"] == "UNETLoader" and noise in chain[-1]["widgets_values"][0], chain[-1]
+
+
+def test_distilled_cfg1_tiny_run_from_the_run_button(page, server):
+    """The graph on the tiny experts, each with its tiny LoRA (stand-ins for the lightx2v files), 4 steps
+    at CFG 1 (no unconditional pass): each guidance node changes the video."""
+    workflow = tiny_wan22_variant(load(ROOT / "workflows" / f"{DISTILLED}.json"))
+    tiny = tiny_wan22_loras()
+    for node in workflow["nodes"]:
+        if node["type"] == "LoraLoaderModelOnly":
+            node["widgets_values"][0] = tiny[node["widgets_values"][0]].name
+    high, low = wan22_experts(workflow)
+    assert high["widgets_values"][4] == low["widgets_values"][4] == 1.0
+    files = check_each_node_acts(page, server, DISTILLED, workflow, [(low["id"], 0, "final")])
+    (video,) = [p for p in files.values() if p.suffix == ".mp4"]
+    check_video(video, 9, (64, 64))
 
 
 # LTX-2 and MiniMax H3 exist only in newer ComfyUI (0.33 has both): the module of each family and the
