@@ -33,41 +33,20 @@ in_process.setup()
 
 import torch  # noqa: E402
 
-import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 from freevideo.enhance_core.measures.attention_entropy import DEFAULT_ROWS, attention_entropy  # noqa: E402
 from freevideo.enhance_core.patching.attention_slot import add_attention_override  # noqa: E402
 from freevideo.enhance_core.methods.entropy_guidance import PAIRS, apply_entropy_guidance  # noqa: E402
 from support import tiny_models  # noqa: E402
-from support.sampling import text_conditioning  # noqa: E402
+from support.sampling import counting_model_calls, text_conditioning  # noqa: E402
 
 DIM, LAYERS, FFN = 256, 6, 1024
 FRAMES, HEIGHT, WIDTH = 2, 60, 104
 REGISTRY_FRAMES = 9  # 33 video frames at 480p: 14040 tokens, the short end of real Wan use
 
 
-def bench_model():
-    def build():
-        import comfy.ops
-        from comfy.ldm.wan.model import WanModel
-        return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=DIM, ffn_dim=FFN, freq_dim=256, text_dim=4096,
-                        out_dim=16, num_heads=DIM // 128, num_layers=LAYERS, operations=comfy.ops.disable_weight_init)
-    return tiny_models.load_diffusion_model(tiny_models._cached(f"bench_wan_d{DIM}_l{LAYERS}_f{FFN}.safetensors", build))
-
-
-def count_model_calls(model):
-    m = model.clone()
-    calls = []
-
-    def wrapper(executor, x, *a, **kw):
-        calls.append(x.shape[0])
-        return executor(x, *a, **kw)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", wrapper)
-    return m, calls
-
-
 def run(model, steps, cfg, positive, negative, calls=None, frames=FRAMES):
-    """Seconds per step; with `calls` (a count_model_calls list) also the batch sizes of each step's model calls."""
+    """Seconds per step; with `calls` (a counting_model_calls list) also the batch sizes of each step's model calls."""
     latent = torch.zeros(1, 16, frames, HEIGHT, WIDTH)
     noise = comfy.sample.prepare_noise(latent, 0)
     stamps, marks = [time.perf_counter()], [0]
@@ -92,7 +71,7 @@ def step_ratios(base, rounds, steps, positive, negative, layer):
         configs[f"{pos}/{neg}"] = apply_entropy_guidance(base, 1.0, pos, neg, layers=str(layer))
     configs["ComfyUI SLG-DiT"] = SkipLayerGuidanceDiT.execute(base, 3.0, 0.0, 1.0, double_layers=str(layer),
                                                               single_layers="").result[0]
-    counted = {name: count_model_calls(m) for name, m in configs.items()}
+    counted = {name: counting_model_calls(m) for name, m in configs.items()}
     times = {name: [] for name in configs}
     elements = {}
     names = list(configs)
@@ -171,7 +150,7 @@ def main():
     torch.set_flush_denormal(True)  # random weights: denormals would make some configurations look slower
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {DIM} ({DIM // 128} heads x 128), {LAYERS} layers, "
           f"ffn {FFN}; latent {FRAMES}x{HEIGHT}x{WIDTH} -> {FRAMES * HEIGHT * WIDTH // 4} tokens; 512 text tokens", flush=True)
-    base = bench_model()
+    base = tiny_models.bench_wan(DIM, LAYERS, FFN)
     positive, negative = text_conditioning(tokens=512, seed=1), text_conditioning(tokens=512, seed=2)
     step_ratios(base, opts.rounds, opts.steps, positive, negative, opts.layer)
     registry_cost(base, positive, reps=2)

@@ -46,37 +46,15 @@ in_process.setup()
 
 import torch  # noqa: E402
 
-import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 from freevideo.enhance_core.methods.entropy_guidance import EntropyGuidance  # noqa: E402
 from support import tiny_models  # noqa: E402
-from support.sampling import text_conditioning  # noqa: E402
+from support.sampling import counting_model_calls, text_conditioning  # noqa: E402
 
 DIM, LAYERS, FFN = 256, 6, 1024
 FRAMES, HEIGHT, WIDTH = 2, 30, 52
 STEPS = 4
 PEERS = Path(os.environ.get("FREEVIDEO_PEERS", ROOT.parent / "shared" / "peers"))
-
-
-def bench_model():
-    def build():
-        import comfy.ops
-        from comfy.ldm.wan.model import WanModel
-        return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=DIM, ffn_dim=FFN, freq_dim=256, text_dim=4096,
-                        out_dim=16, num_heads=DIM // 128, num_layers=LAYERS, operations=comfy.ops.disable_weight_init)
-    return tiny_models.load_diffusion_model(tiny_models._cached(f"bench_wan_d{DIM}_l{LAYERS}_f{FFN}.safetensors", build))
-
-
-def counting_calls(model):
-    """A clone that records the batch size of every diffusion-model call."""
-    m = model.clone()
-    calls = []
-
-    def wrapper(executor, x, *a, **kw):
-        calls.append(x.shape[0])
-        return executor(x, *a, **kw)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", wrapper)
-    return m, calls
 
 
 def sample(model, positive, negative):
@@ -144,7 +122,7 @@ def main():
           f"device {comfy.model_management.get_torch_device()}; model dim {DIM} ({DIM // 128} heads x 128), {LAYERS} layers, "
           f"ffn {FFN}; latent {FRAMES}x{HEIGHT}x{WIDTH} -> {FRAMES * HEIGHT * WIDTH // 4} tokens; 512 text tokens; "
           f"{STEPS} steps euler, CFG 1", flush=True)
-    base = bench_model()
+    base = tiny_models.bench_wan(DIM, LAYERS, FFN)
     positive, negative = text_conditioning(tokens=512, seed=1), text_conditioning(tokens=512, seed=2)
 
     configs, guidance, skipped = {"plain": base}, {}, {}
@@ -165,7 +143,7 @@ def main():
         configs["KJNodes NAG"] = kj
         print(f"KJNodes: WanVideoNAG from {why}")
 
-    counted = {name: counting_calls(m) for name, m in configs.items()}
+    counted = {name: counting_model_calls(m) for name, m in configs.items()}
     names = list(configs)
     latents, elements = {}, {}
     for name in names:  # warm-up: model loading, first-call costs
@@ -176,7 +154,7 @@ def main():
     name = f"ours U/I {fixed}"
     m = base.clone()
     guidance[name] = EntropyGuidance(m, 1.0, "uniform", "identity", layers=fixed, entropy_rows=512)
-    counted[name] = counting_calls(m)
+    counted[name] = counting_model_calls(m)
     names.insert(names.index("ours U/I") + 1, name)
     sample(counted[name][0], positive, negative)
     wall, cpu, later = ({name: [] for name in names} for _ in range(3))

@@ -27,3 +27,16 @@ def force_unbatched(monkeypatch):
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)
     if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):
         monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda *a, **k: 0)
+
+
+def counting_model_calls(model):
+    """A clone of `model` and the list it appends the batch size of every diffusion-model call to."""
+    import comfy.patcher_extension
+    m = model.clone()
+    calls = []
+
+    def wrapper(executor, x, *a, **kw):
+        calls.append(x.shape[0])
+        return executor(x, *a, **kw)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "count_model_calls", wrapper)
+    return m, calls

@@ -326,3 +326,14 @@ def load_anima_on_meta():
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(layout, device="meta")
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def bench_wan(dim: int = 256, layers: int = 6, ffn: int = 1024):
+    """A Wan 2.1 T2V with random weights, `layers` blocks of width `dim` (heads of 128), loaded: the
+    benchmarks' model, big enough for attention to cost what it costs in real use."""
+    def build():
+        import comfy.ops
+        from comfy.ldm.wan.model import WanModel
+        return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256, text_dim=4096,
+                        out_dim=16, num_heads=dim // 128, num_layers=layers, operations=comfy.ops.disable_weight_init)
+    return load_diffusion_model(_cached(f"bench_wan_d{dim}_l{layers}_f{ffn}.safetensors", build))
