@@ -278,7 +278,9 @@ COMPILE_CASES = [("eager", node, order) for node in sorted(OURS) for order in OR
 @pytest.mark.parametrize("backend,node,order", COMPILE_CASES)
 def test_torch_compile(wan21, backend, node, order, dynamo_counters):
     """The compiled run equals the eager run, ours changes the compiled result, and compiling happens
-    in the first step(s) only: the last step of a run and a second run compile nothing new."""
+    in the first step(s) only: the last step of a run and a second run compile nothing new. The
+    tolerance is inductor's own reordering of the plain model's float sums (within it on the tiny
+    Wan); Dynamo's eager backend runs the traced graph as it is."""
     if backend == "inductor":
         _needs_compiler()
     ours = OURS[node]
@@ -304,14 +306,6 @@ def test_torch_compile(wan21, backend, node, order, dynamo_counters):
     before_last_step = graphs_after_call[calls_per_run - last_step_calls - 1]
     assert graphs_after_call[calls_per_run - 1] == before_last_step, f"the last step compiled again: {summary}"
     assert _graphs(dynamo_counters) == first_run, f"a second sampling run compiled again: {summary}"
-
-
-@pytest.mark.compile
-def test_torch_compile_alone_matches_eager(wan21, dynamo_counters):
-    """The tolerance above, measured: ComfyUI's compile of the plain tiny Wan against eager."""
-    _needs_compiler()
-    torch.testing.assert_close(sample(_compile(wan21), steps=3), sample(wan21, steps=3), rtol=1e-3, atol=1e-4)
-    assert _graphs(dynamo_counters) > 0
 
 
 # --- EasyCache -----------------------------------------------------------------------------------------
