@@ -24,6 +24,7 @@ from freevideo.enhance_core.models import adapter_for
 from freevideo.enhance_core.patching.attention_slot import add_attention_override
 from support import tiny_image_models, tiny_models
 from support.deep_clones import forget_released_patchers, fresh_wan, two_cpu_devices_work_units
+from support.node_calls import run_node
 from support.sampling import ksample, text_conditioning, video_latent
 
 POS, NEG, POS_B = text_conditioning(seed=1), text_conditioning(seed=2), text_conditioning(seed=3)
@@ -75,15 +76,6 @@ CLIP_FRAMES = 3
 WINDOW = 2
 
 
-def run_v3(node_cls, **inputs):
-    """A V3 node run as ComfyUI's executor runs it: the schema's defaults for inputs not given."""
-    schema = node_cls.define_schema()
-    unknown = set(inputs) - {i.id for i in schema.inputs}
-    assert not unknown, f"{schema.node_id} has no input(s) {unknown}"
-    kwargs = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
-    return node_cls.execute(**dict(kwargs, **inputs)).result
-
-
 def context_windows(model, whole_clip=False):
     """ContextWindowsManual over the frame axis of Wan's latent, windows of 2 frames. whole_clip: the
     handler's schedule is one window over every frame (the windows path, which ComfyUI takes for
@@ -93,7 +85,7 @@ def context_windows(model, whole_clip=False):
     except ImportError:
         pytest.skip("this ComfyUI has no context windows (comfy_extras/nodes_context_windows.py)")
     import comfy.context_windows as cw
-    (windowed,) = run_v3(ContextWindowsManualNode, model=model, context_length=WINDOW, context_overlap=1,
+    (windowed,) = run_node(ContextWindowsManualNode, model=model, context_length=WINDOW, context_overlap=1,
                          context_schedule=cw.ContextSchedules.STATIC_STANDARD, fuse_method=cw.ContextFuseMethods.PYRAMID, dim=2)
     if whole_clip:
         windowed.model_options["context_handler"].context_schedule = cw.ContextSchedule(

@@ -1,6 +1,6 @@
 """Our nodes stacked with ComfyUI's own model patches, through ComfyUI's own node classes on tiny Wan
-models: a LoRA (LoraLoaderModelOnly), a sampling shift (ModelSamplingSD3), TorchCompileModel,
-EasyCache, context windows, and Wan 2.2's two experts in two KSamplerAdvanced nodes.
+models: a LoRA (LoraLoaderModelOnly), a sampling shift (ModelSamplingSD3), EasyCache, context
+windows, and Wan 2.2's two experts in two KSamplerAdvanced nodes (TorchCompileModel: test_torch_compile.py).
 
 Every test measures both effects: the neighbour's (against the model without it) and ours (against
 the neighbour alone), and where the two commute (a LoRA patches weights, ours hooks attention) that
@@ -9,109 +9,19 @@ with a message; they are never told apart by version number.
 """
 
 import logging
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import comfy.patcher_extension
 import folder_paths
 import nodes
 from freevideo.enhance_core.methods import enhance_a_video as enhance_a_video_module
 from freevideo.enhance_core.methods.attention_inspector import inspect_attention
-from freevideo.nodes.enhance_a_video import EnhanceAVideo
-from freevideo.nodes.entropy_guidance import EntropyGuidance
 from support import tiny_models
-from support.sampling import ksample, text_conditioning, video_latent
-
-POS, NEG = text_conditioning(seed=1), text_conditioning(seed=2)
-# An effect counts as present when it moves the result by more than this (relative to the result's
-# largest value); float noise between equivalent computations here is ~1e-6.
-EFFECT = 1e-3
-
-
-# --- running ComfyUI nodes as its executor does ----------------------------------------------------
-def run_node(node_cls, **inputs):
-    """Run a node class the way ComfyUI's executor calls it: a V3 node (io.ComfyNode) through
-    execute() with the schema's defaults for inputs not given (ComfyUI versions add inputs), a V1 node
-    through its FUNCTION. Returns the output tuple."""
-    if hasattr(node_cls, "define_schema"):
-        schema = node_cls.define_schema()
-        ids = [i.id for i in schema.inputs]
-        unknown = set(inputs) - set(ids)
-        assert not unknown, f"{schema.node_id} has no input(s) {unknown}; it has {ids}"
-        kwargs = {}
-        for i in schema.inputs:
-            if i.id in inputs:
-                kwargs[i.id] = inputs[i.id]
-            elif getattr(i, "default", None) is not None:
-                kwargs[i.id] = i.default
-        return tuple(node_cls.execute(**kwargs).result)
-    return tuple(getattr(node_cls(), node_cls.FUNCTION)(**inputs))
-
-
-def enhance(model, **kw):
-    return run_node(EnhanceAVideo, model=model, **dict(dict(weight=40.0, start_percent=0.0, end_percent=1.0, layers="all"), **kw))[0]
-
-
-def guidance(model, **kw):
-    return run_node(EntropyGuidance, model=model, **dict(dict(scale=3.0, layers="1"), **kw))[0]
-
-
-OURS = {"enhance_a_video": enhance, "entropy_guidance": guidance}
-ORDERS = ["neighbour before ours", "neighbour after ours"]
-
-
-def stack(ours, neighbour, model, order):
-    return ours(neighbour(model)) if order == ORDERS[0] else neighbour(ours(model))
-
-
-def sample(model, latent=None, steps=2, **kw):
-    return ksample(model, latent or video_latent(frames=5), POS, NEG, steps=steps, **kw)
-
-
-def change(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference between two results, relative to the first one's largest value."""
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def assert_effect(with_it, without, what):
-    assert change(with_it, without) > EFFECT, f"{what}: no effect (relative change {change(with_it, without):.2e})"
-
-
-def comfy_extra(module: str, name: str):
-    """A node class of comfy_extras, or a skip naming what this ComfyUI lacks."""
-    import importlib
-    try:
-        return getattr(importlib.import_module(f"comfy_extras.{module}"), name)
-    except (ImportError, AttributeError):
-        pytest.skip(f"this ComfyUI has no {name} node (comfy_extras/{module}.py)")
-
-
-class ModelCalls:
-    """An APPLY_MODEL wrapper on a clone that records each model call's sigma, latent frame count and
-    conds (one entry per call), and runs `after(record)` once the call returned."""
-
-    KEY = "test_core_stacking_recorder"
-
-    def __init__(self, after=None):
-        self.calls = []
-        self.after = after
-
-    def __call__(self, model):
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.KEY, self._wrapper)
-        return m
-
-    def _wrapper(self, executor, x, t, *args, **kwargs):
-        options = kwargs["transformer_options"] if "transformer_options" in kwargs else args[3]
-        record = dict(sigma=float(t.max()), frames=x.shape[2], conds=len(options.get("cond_or_uncond") or [0]))
-        self.calls.append(record)
-        out = executor(x, t, *args, **kwargs)
-        if self.after is not None:
-            self.after(record)
-        return out
+from support.node_calls import comfy_extra, run_node
+from support.sampling import video_latent
+from support.stacking import NEG, ORDERS, OURS, POS, ModelCalls, assert_effect, sample, stack
 
 
 @pytest.fixture
@@ -239,73 +149,6 @@ def test_window_uses_the_shifted_sampling(wan21, node, order, cfi_calls):
     assert sorted(set(active), reverse=True) == expected, (
         f"{node} ({order}) acted at sigmas {sorted(set(active), reverse=True)}; the shifted sampling's window "
         f"selects {expected} (the loaded model's unshifted sampling would select {window(unshifted)})")
-
-
-# --- TorchCompileModel ---------------------------------------------------------------------------------
-def _needs_compiler():
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("no C++ compiler on PATH: inductor cannot build CPU kernels (install g++, e.g. apt-get install build-essential)")
-
-
-def _compile(model, backend="inductor"):
-    TorchCompileModel = comfy_extra("nodes_torch_compile", "TorchCompileModel")
-    return run_node(TorchCompileModel, model=model, backend=backend)[0]
-
-
-@pytest.fixture
-def dynamo_counters():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-
-
-def _graphs(counters) -> int:
-    return int(counters["stats"]["unique_graphs"])
-
-
-# What meets our hooks is TorchDynamo (tracing, guards, graph breaks), the same whatever backend turns
-# its graphs into kernels: the node-and-order matrix runs on Dynamo's "eager" backend (graphs run as
-# traced), and one case on the inductor backend that TorchCompileModel uses by default, whose kernel
-# generation and C++ builds take most of a compiled test's time on CPU.
-COMPILE_CASES = [("eager", node, order) for node in sorted(OURS) for order in ORDERS] \
-    + [("inductor", "entropy_guidance", ORDERS[1])]
-
-
-@pytest.mark.compile
-@pytest.mark.parametrize("backend,node,order", COMPILE_CASES)
-def test_torch_compile(wan21, backend, node, order, dynamo_counters):
-    """The compiled run equals the eager run, ours changes the compiled result, and compiling happens
-    in the first step(s) only: the last step of a run and a second run compile nothing new. The
-    tolerance is inductor's own reordering of the plain model's float sums (within it on the tiny
-    Wan); Dynamo's eager backend runs the traced graph as it is."""
-    if backend == "inductor":
-        _needs_compiler()
-    ours = OURS[node]
-    steps = 3  # IE-Adapt's registry step evaluates other batch sizes than the steps after it
-    eager_plain, eager = sample(wan21, steps=steps), sample(ours(wan21), steps=steps)
-    graphs_after_call = []
-    recorder = ModelCalls(after=lambda record: graphs_after_call.append(_graphs(dynamo_counters)))
-    model = recorder(stack(ours, lambda m: _compile(m, backend), wan21, order))
-    compiled = sample(model, steps=steps)
-    first_run = _graphs(dynamo_counters)
-    calls_per_run = len(recorder.calls)
-    second = sample(model, steps=steps)
-    breaks = dict(dynamo_counters["graph_break"])
-    summary = (f"{node} ({order}, {backend}): graphs compiled after each model call {graphs_after_call} "
-               f"(first run: {calls_per_run} calls), graph breaks {sum(breaks.values())}: {breaks}")
-    print(summary)
-    assert first_run > 0, f"nothing was compiled: {summary}"
-    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
-    assert torch.equal(second, compiled)
-    assert_effect(compiled, eager_plain, f"{node} under torch.compile")
-    last_sigma = recorder.calls[calls_per_run - 1]["sigma"]
-    last_step_calls = sum(c["sigma"] == last_sigma for c in recorder.calls[:calls_per_run])
-    before_last_step = graphs_after_call[calls_per_run - last_step_calls - 1]
-    assert graphs_after_call[calls_per_run - 1] == before_last_step, f"the last step compiled again: {summary}"
-    assert _graphs(dynamo_counters) == first_run, f"a second sampling run compiled again: {summary}"
 
 
 # --- EasyCache -----------------------------------------------------------------------------------------

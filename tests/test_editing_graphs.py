@@ -29,6 +29,7 @@ import comfy.utils
 import nodes
 from freevideo.enhance_core.methods.entropy_editing import apply_entropy_editing
 from support.families import BY_ID, FRAMES, conditioning, load, latent as family_latent
+from support.node_calls import run_node
 from support.sampling import ksample, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
@@ -61,18 +62,6 @@ def once(key, compute):
 def _forget_results():
     yield
     _results.clear()
-
-
-def run_node(node_cls, **inputs):
-    """A node class run as ComfyUI's executor runs it: a V3 node through execute() with the
-    schema's defaults for the inputs not given (versions add inputs), a V1 node through FUNCTION."""
-    if hasattr(node_cls, "define_schema"):
-        schema = node_cls.define_schema()
-        kwargs = {i.id: inputs[i.id] if i.id in inputs else i.default for i in schema.inputs
-                  if i.id in inputs or getattr(i, "default", None) is not None}
-        assert set(inputs) <= set(kwargs), f"{schema.node_id} lacks inputs {set(inputs) - set(kwargs)}"
-        return tuple(node_cls.execute(**kwargs).result)
-    return tuple(getattr(node_cls(), node_cls.FUNCTION)(**inputs))
 
 
 def fit_only(monkeypatch, model, latent, elements: int):

@@ -35,6 +35,7 @@ from freevideo.nodes.entropy_editing import EntropyEditing
 from freevideo.nodes.entropy_guidance import EntropyGuidance
 from freevideo.nodes.feature_accumulation import FeatureAccumulation
 from support import families, step_caches
+from support.node_calls import run_node
 from support.sampling import ksample, text_conditioning, video_latent
 
 # MagCache's numpy arithmetic warns under NumPy 2 (its code, not ours).
@@ -44,14 +45,6 @@ STEPS = 6
 # value); equivalent computations here differ by ~1e-6.
 EFFECT = 1e-3
 ORDERS = ("cache before ours", "cache after ours")
-
-
-def run_node(node_cls, **inputs):
-    """A V3 node of ours as ComfyUI's executor runs it: execute() with the schema's defaults."""
-    schema = node_cls.define_schema()
-    kwargs = {i.id: inputs[i.id] if i.id in inputs else i.default for i in schema.inputs
-              if i.id in inputs or getattr(i, "default", None) is not None}
-    return node_cls.execute(**kwargs).result[0]
 
 
 # --- the two families ----------------------------------------------------------------------------
@@ -124,10 +117,10 @@ CACHES = {"TeaCache": teacache, "MagCache": magcache}
 
 # --- our nodes -----------------------------------------------------------------------------------
 OURS = {
-    "enhance_a_video": lambda m, s: run_node(EnhanceAVideo, model=m, weight=40.0),
-    "entropy_guidance": lambda m, s: run_node(EntropyGuidance, model=m, scale=3.0),
-    "entropy_editing": lambda m, s: run_node(EntropyEditing, model=m, source_positive=s.source, ratio=0.5),
-    "feature_accumulation": lambda m, s: run_node(FeatureAccumulation, model=m, gate="0.5", mode="block input"),
+    "enhance_a_video": lambda m, s: run_node(EnhanceAVideo, model=m, weight=40.0)[0],
+    "entropy_guidance": lambda m, s: run_node(EntropyGuidance, model=m, scale=3.0)[0],
+    "entropy_editing": lambda m, s: run_node(EntropyEditing, model=m, source_positive=s.source, ratio=0.5)[0],
+    "feature_accumulation": lambda m, s: run_node(FeatureAccumulation, model=m, gate="0.5", mode="block input")[0],
 }
 NAMES = {"enhance_a_video": "Enhance-A-Video", "entropy_guidance": "IE-Adapt guidance",
          "entropy_editing": "IE-Adapt editing", "feature_accumulation": "feature accumulation"}
