@@ -6,7 +6,7 @@ Guide frames (LTXVAddGuide appends their latents along time) are more video fram
 audio-video model subclasses LTXVModel with another latent layout: ltx2.py is its adapter.
 """
 
-from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, is_instance_of, patched_tokens
 
 
 class LTXVAdapter(FamilyAdapter):
@@ -16,13 +16,9 @@ class LTXVAdapter(FamilyAdapter):
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.lightricks.model import LTXVModel
-        if not isinstance(diffusion_model, LTXVModel):
-            return False
-        try:
-            from comfy.ldm.lightricks.av_model import LTXAVModel
-        except ImportError:
-            return True
-        return not isinstance(diffusion_model, LTXAVModel)
+        # LTX-2's audio-video model subclasses LTXVModel: ltx2.py's adapter.
+        return isinstance(diffusion_model, LTXVModel) and \
+            not is_instance_of(diffusion_model, "comfy.ldm.lightricks.av_model", "LTXAVModel")
 
     def sites(self, diffusion_model) -> list[AttentionSite]:
         return [AttentionSite(arm=f"transformer_blocks.{i}.attn1", output=f"transformer_blocks.{i}.attn1")

@@ -18,7 +18,7 @@ branch methods run their extra conds as separate calls (`max_batch`).
 
 import inspect
 
-from . import AttentionSite, BlockSite, FamilyAdapter, is_instance_of, TokenLayout, patched_tokens
+from . import AttentionSite, BlockSite, FamilyAdapter, TokenLayout, is_instance_of, patched_tokens
 
 
 class MiniMaxH3Adapter(FamilyAdapter):
