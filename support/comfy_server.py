@@ -63,7 +63,10 @@ class ComfyServer:
         for folder, files in self.models.items():
             for f in files:
                 self._link(Path(f).resolve(), self.base / "models" / folder / Path(f).name)
-        self.run_main(COMFY, ["--base-directory", str(self.base), "--output-directory", str(self.output_dir)], timeout)
+        # No API nodes (the paid cloud nodes): nothing here uses them, and loading them is a tenth of a
+        # start. A user's install keeps them (test_install starts ComfyUI without this flag).
+        self.run_main(COMFY, ["--base-directory", str(self.base), "--output-directory", str(self.output_dir),
+                              "--disable-api-nodes"], timeout)
 
     def run_main(self, comfy: Path, extra_args: list[str], timeout: float, env: dict | None = None):
         """Start `comfy`'s main.py on this server's port (CPU, SDPA) and wait until it answers."""
@@ -79,7 +82,7 @@ class ComfyServer:
                 self.get("/system_stats")
                 return
             except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
+                time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
 
@@ -120,7 +123,7 @@ class ComfyServer:
                 if status.get("status_str") != "success":
                     raise RuntimeError(f"prompt failed: {json.dumps(status.get('messages'), indent=1)[:4000]}")
                 return entry
-            time.sleep(0.25)
+            time.sleep(0.02)  # a tiny model's prompt takes well under a second
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
     def output_files(self, entry: dict) -> list[Path]:

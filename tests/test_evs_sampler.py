@@ -493,38 +493,3 @@ def test_node_schema_execute_and_workflows(sd15):
         for n in nodes:
             assert len(n["widgets_values"]) == len(widgets) + 1, path
             assert n["widgets_values"][widgets.index("seed") + 1] in ("fixed", "randomize", "increment", "decrement")
-
-
-@pytest.mark.server
-def test_through_comfyuis_own_server(comfy_server):
-    """As users run it: ComfyUI's server, API prompt with loaders, Wan 2.1 as both the image and the
-    video model (pixel bridge, SFI on), outputs saved; a bad t_T2V is reported before sampling."""
-    from safetensors.torch import load_file
-    wan, vae = tiny_models.wan21_t2v(), tiny_models.wan21_vae()
-    cond = lambda text: {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": text, "tokens": 8, "dim": WAN_DIM}}
-    evs = {"latent": ["5", 0], "image_model": ["1", 0], "image_positive": ["2", 0], "image_negative": ["3", 0],
-           "video_model": ["1", 0], "video_positive": ["2", 0], "video_negative": ["3", 0], "seed": 1,
-           "image_steps": 10, "image_cfg": 3.0, "image_sampler": "euler", "image_scheduler": "simple", "strength": 0.4,
-           "t_T2V": 2, "video_steps": 4, "video_cfg": 3.0, "video_sampler": "euler", "video_scheduler": "simple",
-           "t_V": 2, "n_V": 2, "sfi": True, "sfi_gamma": 0.8, "sfi_layers": "2-3",
-           "sfi_setting": "custom (sfi_layers, sfi_gamma)", "image_vae": ["6", 0], "video_vae": ["6", 0]}
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": wan.name, "weight_dtype": "default"}},
-        "2": cond("a red fox runs through snow"), "3": cond("blurry"),
-        "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 32, "height": 32, "length": 9, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
-              "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAELoader", "inputs": {"vae_name": vae.name}},
-        "7": {"class_type": "FreeVideoEVSSampler", "inputs": evs},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "evs"}},
-        "9": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["7", 1], "filename_prefix": "evs", "fps": 8.0,
-              "lossless": False, "quality": 80, "method": "default"}},
-    }
-    server = comfy_server  # holds the same tiny Wan 2.1 and VAE files
-    files = server.output_files(server.run(prompt))
-    (latent,) = [p for p in files if p.suffix == ".latent"]
-    assert load_file(str(latent))["latent_tensor"].shape == (1, 16, 3, 4, 4)
-    assert any(p.suffix == ".webp" for p in files)
-    prompt["7"]["inputs"]["t_T2V"] = 9
-    with pytest.raises(RuntimeError, match="t_T2V: 9 is outside the image run"):
-        server.run(prompt)

@@ -239,7 +239,7 @@ def wait(server, prompt_id, timeout=300) -> dict:
         entry = server.get(f"/history/{prompt_id}").get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             return entry
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
 
