@@ -92,7 +92,7 @@ class Graph:
         self.nodes = {
             POSITIVE: {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": "a red fox runs through snow", "tokens": 8, "dim": 4096}},
             NEGATIVE: {"class_type": "FreeVideoTestTextConditioning", "inputs": {"text": "blurry", "tokens": 8, "dim": 4096}},
-            LATENT: {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 128, "height": 128, "length": 17, "batch_size": 1}},
+            LATENT: {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 17, "batch_size": 1}},
         }
         self.model = self.load(loader, copy)
 
