@@ -23,11 +23,11 @@ if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 from support import in_process  # noqa: E402
 
-in_process.setup()
 
-import torch  # noqa: E402
-
-torch.set_num_threads(int(THREADS))
+def _runs_tests(config) -> bool:
+    """Whether this process runs tests: a pytest-xdist worker, or pytest without -n. The process that
+    only hands files to the workers never imports ComfyUI (10-15 s the workers would wait for)."""
+    return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
 
 
 class _RootIsAPlainFolder:
@@ -47,6 +47,10 @@ class _RootIsAPlainFolder:
 
 def pytest_configure(config):
     config.pluginmanager.register(_RootIsAPlainFolder(), "freevideo-root-folder")
+    if _runs_tests(config):
+        in_process.setup()
+        import torch
+        torch.set_num_threads(int(THREADS))
 
 
 # The longest files first (measured on 2 cores): the test processes of scripts/test.sh take one
