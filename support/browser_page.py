@@ -22,6 +22,15 @@ VIEWPORT = {"width": 1280, "height": 800}
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
             "LiteGraph.Canvas.MinFontSizeForLOD": 0, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
 
+RUN_BUTTON = '[data-testid="queue-button"]'
+# The open workflow (its tab), in the frontend versions ComfyUI 0.3.75 and 0.33 serve.
+ACTIVE_WORKFLOW = ("window.comfyAPI?.app?.app?.extensionManager?.workflow?.activeWorkflow"
+                   " ?? app.extensionManager?.workflow?.activeWorkflow")
+# Dialogs, toasts and banners shown over the canvas: their text.
+OVERLAYS = """() => [...document.querySelectorAll('.p-dialog, .p-toast-message, [role=dialog], [role=alertdialog]')]
+    .filter(e => e.offsetParent !== null && e.getBoundingClientRect().width > 0)
+    .map(e => e.innerText.slice(0, 200))"""
+
 
 def find_chromium() -> str | None:
     path = os.environ.get("FREEVIDEO_CHROMIUM")
@@ -78,26 +87,49 @@ class ComfyPage:
     def open(self, timeout_s: float = 120) -> None:
         self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         self.page.goto(self.url)
+        # Ready: the node types registered, the start-up workflow open, the Run button shown.
         self.page.wait_for_function(
             "() => window.app?.canvas?.graph && window.LiteGraph"
-            " && Object.keys(LiteGraph.registered_node_types).length > 50",
+            " && Object.keys(LiteGraph.registered_node_types).length > 50"
+            f" && ({ACTIVE_WORKFLOW}) && document.querySelector('{RUN_BUTTON}')?.offsetParent",
             timeout=timeout_s * 1000)
-        self.page.wait_for_timeout(500)
+        # Count the page's graph loads (a dropped file is one), so that drop_file can wait for
+        # the end of its load: what follows the graph's nodes (dialogs, the workflow's tab) is async.
+        self.page.evaluate(
+            """() => {
+                if (window.__freevideo_loads) return;
+                const loads = window.__freevideo_loads = {started: 0, finished: 0};
+                const load = app.loadGraphData;
+                app.loadGraphData = async function (...args) {
+                    loads.started++;
+                    try { return await load.apply(this, args); } finally { loads.finished++; }
+                };
+            }""")
+        self.settle()
         self.tidy()
+
+    def settle(self) -> None:
+        """Two animation frames: what the page marked to redraw before has been drawn."""
+        self.page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
     def drop_file(self, name: str, text: str, timeout_s: float = 30) -> list[dict]:
         """Drop a workflow file onto the canvas (a DataTransfer with one File, as a drag from the
-        desktop delivers it) and wait until the graph holds exactly the file's nodes."""
+        desktop delivers it) and wait until the graph holds exactly the file's nodes and the page has
+        finished loading it."""
         workflow = json.loads(text)
         want = sorted(f"{n['id']}:{n['type']}" for n in workflow["nodes"])
+        loaded = self.page.evaluate("() => window.__freevideo_loads.finished")
         transfer = self.page.evaluate_handle(
             "([name, text]) => { const dt = new DataTransfer();"
             " dt.items.add(new File([text], name, {type: 'application/json'})); return dt; }", [name, text])
         self.page.dispatch_event("#graph-canvas", "drop", {"dataTransfer": transfer})
+        # Polled on a timer, not on animation frames: the page draws the new graph meanwhile, and
+        # those frames are slow in a headless browser on 2 cores (up to a tenth of a second).
         self.page.wait_for_function(
-            "(want) => JSON.stringify(app.graph.nodes.map(n => `${n.id}:${n.type}`).sort()) === JSON.stringify(want)",
-            arg=want, timeout=timeout_s * 1000)
-        self.page.wait_for_timeout(300)
+            """([want, before]) => { const loads = __freevideo_loads;
+                return loads.finished > before && loads.started === loads.finished
+                    && JSON.stringify(app.graph.nodes.map(n => `${n.id}:${n.type}`).sort()) === JSON.stringify(want); }""",
+            arg=[want, loaded], timeout=timeout_s * 1000, polling=20)
         return self.nodes()
 
     def nodes(self) -> list[dict]:
@@ -111,9 +143,7 @@ class ComfyPage:
             }))""")
 
     def active_workflow_name(self) -> str:
-        return self.page.evaluate(
-            "() => window.comfyAPI?.app?.app?.extensionManager?.workflow?.activeWorkflow?.filename"
-            " ?? app.extensionManager?.workflow?.activeWorkflow?.filename ?? null")
+        return self.page.evaluate(f"() => ({ACTIVE_WORKFLOW})?.filename ?? null")
 
     def graph_to_prompt(self) -> dict:
         """The API prompt the page would queue for the graph (its own conversion)."""
@@ -132,22 +162,60 @@ class ComfyPage:
                     closers.nth(i).click(timeout=2000, force=True)
                 except Exception:  # noqa: BLE001 - it may have closed itself meanwhile
                     pass
-            page.wait_for_timeout(300)
+            self._overlays_gone()
         page.keyboard.press("Escape")
-        page.wait_for_timeout(200)
-        left = page.evaluate(
-            """() => [...document.querySelectorAll('.p-dialog, .p-toast-message, [role=dialog], [role=alertdialog]')]
-                .filter(e => e.offsetParent !== null && e.getBoundingClientRect().width > 0)
-                .map(e => e.innerText.slice(0, 200))""")
-        assert not left, f"still over the canvas after closing: {left}"
+        if not self._overlays_gone():
+            left = page.evaluate(OVERLAYS)
+            assert not left, f"still over the canvas after closing: {left}"
+
+    def _overlays_gone(self, timeout_s: float = 2) -> bool:
+        """Wait until no dialog or toast shows (they close with a short transition); False if one
+        still does after `timeout_s`."""
+        try:
+            self.page.wait_for_function(f"() => ({OVERLAYS})().length === 0", polling=20, timeout=timeout_s * 1000)
+            return True
+        except Exception:  # noqa: BLE001 - a timeout
+            return False
 
     def fit_view(self) -> None:
-        """What the '.' key does on the canvas (Comfy.Canvas.FitView), then let it settle."""
+        """What the '.' key does on the canvas (Comfy.Canvas.FitView), until the view is still."""
+        # The command moves the view in steps, one per animation frame, over 350 ms (LiteGraph's
+        # DragAndScale.animateToBounds): here it takes the last step at once, the same view, and the
+        # steps are counted. Two frames without a step: the canvas has drawn the final view.
+        self.page.evaluate(
+            """() => {
+                const ds = app.canvas.ds, fit = window.__freevideo_fit = {steps: 0, seen: -1, still: 0};
+                ds.animateToBounds = function (bounds, step, options = {}) {
+                    delete ds.animateToBounds;
+                    return ds.animateToBounds(bounds, () => { fit.steps++; step(); }, {...options, duration: 1});
+                };
+            }""")
         self.page.focus("#graph-canvas")
         self.page.keyboard.press(".")
-        self.page.wait_for_timeout(400)
-        self.page.evaluate("() => app.canvas.setDirty(true, true)")
-        self.page.wait_for_timeout(300)
+        try:
+            self.page.wait_for_function(
+                """() => { const fit = __freevideo_fit;
+                           fit.still = fit.steps > 0 && fit.steps === fit.seen ? fit.still + 1 : 0;
+                           fit.seen = fit.steps; return fit.still >= 2; }""", polling="raf", timeout=10_000)
+        except Exception as e:  # noqa: BLE001 - a timeout, said plainly
+            steps = self.page.evaluate("() => { delete app.canvas.ds.animateToBounds; return __freevideo_fit.steps; }")
+            raise AssertionError(f"the '.' key did not fit the view ({steps} steps of its animation)") from e
+
+    def press_on_nodes(self, ids: list[int], keys: str) -> None:
+        """Select nodes `ids` on the canvas (only them) and press `keys` there: Control+b bypasses
+        them (or, when all are bypassed, turns them back on), Control+m mutes them (or unmutes)."""
+        if not ids:
+            return
+        before = self.page.evaluate(
+            "(ids) => { const nodes = ids.map(id => app.graph.getNodeById(id)); app.canvas.selectNodes(nodes);"
+            " document.querySelector('#graph-canvas').focus(); return nodes.map(n => n.mode); }", ids)
+        self.page.keyboard.press(keys)
+        try:
+            self.page.wait_for_function(
+                "([ids, before]) => ids.some((id, i) => app.graph.getNodeById(id).mode !== before[i])",
+                arg=[ids, before], polling=20, timeout=5000)
+        except Exception as e:  # noqa: BLE001 - a timeout, said plainly
+            raise AssertionError(f"{keys} on nodes {ids} (modes {before}) changed no mode") from e
 
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +238,7 @@ class ComfyPage:
     def press_run(self, timeout_s: float = 30) -> tuple[str, dict]:
         """Press the Run (queue) button; return the prompt id the server gave and the prompt the
         page sent."""
-        button = self.page.locator('[data-testid="queue-button"]:visible').first
+        button = self.page.locator(f"{RUN_BUTTON}:visible").first
         with self.page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST",
                                        timeout=timeout_s * 1000) as response:
             button.click()
@@ -185,7 +253,7 @@ class ComfyPage:
         self.page.wait_for_function(
             """(id) => window.__freevideo_events.some(e => e.detail?.prompt_id === id &&
                     ['execution_success', 'execution_error', 'execution_interrupted'].includes(e.type))""",
-            arg=prompt_id, timeout=timeout_s * 1000, polling=250)
+            arg=prompt_id, timeout=timeout_s * 1000, polling=50)
         events = self.page.evaluate("(id) => window.__freevideo_events.filter(e => e.detail?.prompt_id === id)", prompt_id)
         self.elapsed = time.time() - started
         return events

@@ -127,8 +127,12 @@ def page(server, chromium):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            # Drawn at twice the resolution, saved at the viewport's: small text stays legible.
-            tab = browser.new_page(viewport=browser_page.VIEWPORT, device_scale_factor=2)
+            # Screenshots for the docs are drawn at twice the resolution and saved at the viewport's:
+            # small text stays legible. Otherwise the page draws at the viewport's own resolution:
+            # each redraw of the canvas (after every change to the graph) draws a quarter of the
+            # pixels, which makes this file about a tenth faster on 2 cores.
+            scale = 2 if UPDATE_SCREENSHOTS else 1
+            tab = browser.new_page(viewport=browser_page.VIEWPORT, device_scale_factor=scale)
             comfy = browser_page.ComfyPage(tab, server.url)
             comfy.open()
             yield comfy
@@ -450,24 +454,32 @@ def run_from_page(page, server, workflow: dict, file_name: str) -> tuple[dict[st
     graph value for value and that the prompt succeeded; return its output files (by name, without
     the counter) and texts."""
     page.drop_file(file_name, json.dumps(workflow))
+    return run_shown_graph(page, server, workflow, file_name)
+
+
+def run_shown_graph(page, server, workflow: dict, label: str) -> tuple[dict[str, Path], list[str]]:
+    """Press Run on the graph the page shows, which must be `workflow` (node modes included); check
+    as run_from_page does."""
     page.tidy()
+    shown = {n["id"]: n["mode"] for n in page.nodes()}
+    assert shown == {n["id"]: n.get("mode", 0) for n in workflow["nodes"]}, f"{label}: node modes in the page {shown}"
     page.start_listening()
     prompt_id, sent = page.press_run()
 
     # What the page queued is the file's graph, value for value (the page may add inputs that the
-    # file leaves at their defaults on newer ComfyUI); bypassed nodes are left out and their
-    # inputs passed on, which ComfyUI's frontend does itself.
+    # file leaves at their defaults on newer ComfyUI); bypassed and muted nodes are left out, and
+    # a bypassed node's inputs passed on, which ComfyUI's frontend does itself.
     links = {link[0]: link for link in workflow["links"]}
     for node in workflow["nodes"]:
         if node["type"] in NOTE_TYPES:
             continue
-        if node.get("mode", 0) == 4:
-            assert str(node["id"]) not in sent, f"bypassed node {node['id']} ({node['type']}) was queued"
+        if node.get("mode", 0) in (MUTED, BYPASSED):
+            assert str(node["id"]) not in sent, f"{label}: node {node['id']} ({node['type']}) in mode {node['mode']} was queued"
             continue
         queued = sent[str(node["id"])]
         assert queued["class_type"] == node["type"]
         for i in node.get("inputs", []):
-            if i.get("link") is not None and node_mode(workflow, links[i["link"]][1]) != 4:
+            if i.get("link") is not None and node_mode(workflow, links[i["link"]][1]) != BYPASSED:
                 link = links[i["link"]]
                 assert queued["inputs"][i["name"]] == [str(link[1]), link[2]], (node["id"], i["name"])
         info = server.object_info[node["type"]]
@@ -493,8 +505,13 @@ def run_from_page(page, server, workflow: dict, file_name: str) -> tuple[dict[st
         assert path.is_file() and path.stat().st_size > 0, path
         files[path.name.rsplit("_", 2)[0] if path.suffix in (".mp4", ".latent") else path.name] = path
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
-    print(f"{file_name}: ran from the page in {page.elapsed:.1f} s: {sorted(p.name for p in files.values())}")
+    print(f"{label}: ran from the page in {page.elapsed:.1f} s: {sorted(p.name for p in files.values())}")
     return files, texts
+
+
+# LiteGraph's node modes besides 0 (runs): what Ctrl+M (muted: left out) and Ctrl+B (bypassed: its
+# inputs passed on) set in the page.
+MUTED, BYPASSED = 2, 4
 
 
 def node_mode(workflow: dict, node_id: int) -> int:
@@ -586,13 +603,26 @@ def add_save_latent(workflow: dict, source: int, slot: int, name: str) -> None:
     src["outputs"][slot]["links"] = (src["outputs"][slot].get("links") or []) + [link_id]
 
 
-def bypassed(workflow: dict, ids: set[int]) -> dict:
-    """The workflow with nodes `ids` bypassed (mode 4: Ctrl+B in the page)."""
+def with_modes(workflow: dict, modes: dict[int, int]) -> dict:
+    """The workflow with the node modes `modes` (node id -> MUTED or BYPASSED)."""
     workflow = json.loads(json.dumps(workflow))
     for node in workflow["nodes"]:
-        if node["id"] in ids:
-            node["mode"] = 4
+        if node["id"] in modes:
+            node["mode"] = modes[node["id"]]
     return workflow
+
+
+def upstream(workflow: dict, ids: set[int]) -> set[int]:
+    """Nodes `ids` and every node whose outputs reach them."""
+    links = {link[0]: link for link in workflow["links"]}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    found, todo = set(), list(ids)
+    while todo:
+        node_id = todo.pop()
+        if node_id not in found:
+            found.add(node_id)
+            todo += [links[i["link"]][1] for i in nodes[node_id].get("inputs", []) if i.get("link") is not None]
+    return found
 
 
 def is_pack_node(kind: str) -> bool:
@@ -608,7 +638,11 @@ def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tu
     """Run `workflow` (with a SaveLatent after each `final` output (node, slot, name); the first is
     the video) as it is, with every FreeVideo node bypassed, and, where it has several, with each
     FreeVideo node bypassed alone; each FreeVideo node must change the video. Returns the output
-    files of the run as it is."""
+    files of the run as it is.
+
+    The bypassed runs are what the workflows' notes tell a user to do, in the page: select the
+    nodes, Ctrl+B, Run. They compare final latents only, so the nodes that feed no final latent
+    (decoding and saving the video) are muted first (Ctrl+M)."""
     import torch
     for node, slot, name in final:
         add_save_latent(workflow, node, slot, name)
@@ -616,7 +650,19 @@ def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tu
     assert ours, f"{stem}: no FreeVideo node"
     files, _ = run_from_page(page, server, workflow, f"{stem}_tiny.json")
     changed = {name: saved_latent(files[name]) for _, _, name in final}
-    plain_files, _ = run_from_page(page, server, bypassed(workflow, set(ours)), f"{stem}_tiny_plain.json")
+
+    saves = {n["id"] for n in workflow["nodes"]
+             if n["type"] == "SaveLatent" and n["widgets_values"][0] in {f"latents/{name}" for _, _, name in final}}
+    needed = upstream(workflow, saves)
+    unused = [n["id"] for n in workflow["nodes"] if n["id"] not in needed and n["type"] not in NOTE_TYPES]
+    assert not set(ours) - needed, f"{stem}: FreeVideo nodes {sorted(set(ours) - needed)} feed no final latent"
+    page.press_on_nodes(unused, "Control+m")
+    latents_only = with_modes(workflow, dict.fromkeys(unused, MUTED))
+
+    page.press_on_nodes(ours, "Control+b")
+    plain_files, _ = run_shown_graph(page, server, with_modes(latents_only, dict.fromkeys(ours, BYPASSED)),
+                                     f"{stem}_tiny with every FreeVideo node bypassed")
+    page.press_on_nodes(ours, "Control+b")
     plain = {name: saved_latent(plain_files[name]) for _, _, name in final}
     video = final[0][2]
     for name in changed:
@@ -627,7 +673,10 @@ def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tu
     print(f"{stem}: FreeVideo nodes change the final latent by {whole:.3e} (relative); other outputs: "
           + ", ".join(f"{name} {relative_difference(changed[name], plain[name]):.3e}" for name in changed if name != video))
     for node_id in ours if len(ours) > 1 else []:
-        one_files, _ = run_from_page(page, server, bypassed(workflow, {node_id}), f"{stem}_tiny_without_{node_id}.json")
+        page.press_on_nodes([node_id], "Control+b")
+        one_files, _ = run_shown_graph(page, server, with_modes(latents_only, {node_id: BYPASSED}),
+                                       f"{stem}_tiny with node {node_id} bypassed")
+        page.press_on_nodes([node_id], "Control+b")
         without = saved_latent(one_files[video])
         diff = relative_difference(changed[video], without)
         assert diff > 1e-4, f"{stem}: FreeVideo node {node_id} changed nothing (relative difference {diff:.2e})"
