@@ -12,9 +12,11 @@ cd "$ROOT"
 set +e
 # Two test processes (pytest-xdist; a file's tests stay together in one), each with one torch
 # thread: the two cores of the machine CI runs on. FREEVIDEO_TEST_WORKERS=0 runs in this process.
+# The files go out in the order tests/conftest.py gives them (the longest first): xdist's default
+# order, most tests first, left the few long files (compile, install) to run alone at the end.
 workers=${FREEVIDEO_TEST_WORKERS:-2}
 parallel=()
-[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 "$FREEVIDEO_PYTHON" -m pytest -q "${parallel[@]}" "$@"
 rc=$?
 set -e
