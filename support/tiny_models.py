@@ -41,13 +41,19 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
 
 
-def _save(module: torch.nn.Module, path: Path, prefix: str = "", metadata: dict | None = None) -> Path:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> Path:
+    """Write a safetensors file into the cache: under this process's own partial name, then renamed
+    into place, so another process never reads it half written."""
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    save_file({prefix + k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def _save(module: torch.nn.Module, path: Path, prefix: str = "", metadata: dict | None = None) -> Path:
+    return save_tensors({prefix + k: v for k, v in module.state_dict().items()}, path, metadata)
 
 
 def _cached(name: str, build, seed: int = 0, fix=None, config: dict | None = None) -> Path:
@@ -299,12 +305,10 @@ def wan21_causal_ar() -> Path:
     """Autoregressive Wan 2.1 (CausalWanModel, Causal Forcing): the tiny Wan 2.1 T2V weights (the
     real model's are Wan 2.1's too) with the "config" metadata its released files carry, which is
     what makes ComfyUI's loader pick WAN21_CausalAR_T2V. Newer ComfyUI only."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     path = CACHE / "tiny_wan21_causal_ar.safetensors"
     if not path.exists():
-        tmp = partial_path(path)
-        save_file(load_file(str(wan21_t2v())), str(tmp), metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
-        os.replace(tmp, path)
+        save_tensors(load_file(str(wan21_t2v())), path, {"config": json.dumps({"transformer": {"causal_ar": True}})})
     return path
 
 
@@ -329,8 +333,9 @@ def load_anima_on_meta():
 
 
 def bench_wan(dim: int = 256, layers: int = 6, ffn: int = 1024):
-    """A Wan 2.1 T2V with random weights, `layers` blocks of width `dim` (heads of 128), loaded: the
-    benchmarks' model, big enough for attention to cost what it costs in real use."""
+    """A Wan 2.1 T2V with random weights, `layers` blocks of width `dim` (heads of 128), loaded: by
+    default the benchmarks' model, big enough for attention to cost what it costs in real use; the
+    compile tests take a 2-block one."""
     def build():
         import comfy.ops
         from comfy.ldm.wan.model import WanModel

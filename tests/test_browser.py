@@ -766,7 +766,6 @@ def tiny_wan22_loras() -> dict[str, Path]:
     alpha on the blocks' attention and feed-forward matrices), by the lightx2v LoRA file name that
     the distilled workflow gives it."""
     import torch
-    from safetensors.torch import save_file
     files = {}
     for seed, expert in enumerate(("high", "low")):
         path = tiny_models.CACHE / f"tiny_wan22_t2v_14b_lora_{expert}.safetensors"
@@ -779,9 +778,7 @@ def tiny_wan22_loras() -> dict[str, Path]:
                     tensors[f"{key}.lora_down.weight"] = torch.randn(4, cols, generator=g) / cols ** 0.5
                     tensors[f"{key}.lora_up.weight"] = 0.5 * torch.randn(rows, 4, generator=g) / 4 ** 0.5
                     tensors[f"{key}.alpha"] = torch.tensor(4.0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(path.with_suffix(".partial")))
-            path.with_suffix(".partial").replace(path)
+            tiny_models.save_tensors(tensors, path)
         files[f"wan2.2_t2v_lightx2v_4steps_lora_v1.1_{expert}_noise.safetensors"] = path
     return files
 
