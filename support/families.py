@@ -3,6 +3,7 @@ conditioning, and a KSampler run through ComfyUI's real loaders, model patcher a
 Shared by the family-matrix tests of every method."""
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 import pytest
@@ -58,6 +59,18 @@ FAMILIES = [
            {"minimax_token_tags": "ones"}, requires="comfy.ldm.minimax.model", av_latent="minimax_h3_av_latent"),
 ]
 BY_ID = {f.id: f for f in FAMILIES}
+# The workflows of families only newer ComfyUI has (0.33 has both): the family's name as their notes
+# give it, and its id above (its `requires` is the module a ComfyUI with the family has).
+NEWER_FAMILY_WORKFLOWS = {"ltx2_t2v_enhance_a_video": ("LTX-2", "ltx2"),
+                          "minimax_h3_t2v_enhance_a_video": ("MiniMax H3", "minimax_h3")}
+
+
+def comfy_has(module: str) -> bool:
+    """Whether the running ComfyUI (the one the tests import and their servers start) has `module`."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 _models = {}
 _plain = {}
 

@@ -26,6 +26,7 @@ import pytest
 
 from support import browser_page, families, tiny_models
 from support.comfy_server import PACK_NAME, ComfyServer
+from support.families import comfy_has
 from support.in_process import COMFY, ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -813,22 +814,12 @@ def test_distilled_cfg1_tiny_run_from_the_run_button(page, server):
     check_video(video, 9, (64, 64))
 
 
-# LTX-2 and MiniMax H3 exist only in newer ComfyUI (0.33 has both): the module of each family and the
-# node types its workflow needs from it, and its id in support/families.py. On a ComfyUI without them the page shows those node types as
-# missing (its own "missing nodes" dialog), which is all such a ComfyUI can do with the file.
-NEWER_FAMILIES = {
-    "ltx2_t2v_enhance_a_video": ("LTX-2", "comfy.ldm.lightricks.av_model", "ltx2"),
-    "minimax_h3_t2v_enhance_a_video": ("MiniMax H3", "comfy.ldm.minimax.model", "minimax_h3"),
-}
-
-
-def comfy_has(module: str) -> bool:
-    """Whether the running ComfyUI (the one the servers start) has `module`."""
-    import importlib.util
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+# LTX-2 and MiniMax H3 exist only in newer ComfyUI (0.33 has both): each workflow's family name, the
+# module of the family and the node types its workflow needs from it, and its id in support/families.py.
+# On a ComfyUI without them the page shows those node types as missing (its own "missing nodes"
+# dialog), which is all such a ComfyUI can do with the file.
+NEWER_FAMILIES = {stem: (name, families.BY_ID[family_id].requires, family_id)
+                  for stem, (name, family_id) in families.NEWER_FAMILY_WORKFLOWS.items()}
 
 
 def missing_here(server, stem: str) -> list[str]:

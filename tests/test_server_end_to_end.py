@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from support import tiny_models
 from support.comfy_server import PACK_NAME, ROOT
+from support.families import BY_ID, NEWER_FAMILY_WORKFLOWS, comfy_has
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from workflow_api import to_api  # noqa: E402
@@ -86,18 +87,6 @@ def test_bad_input_is_reported_before_sampling(server):
 
 # Node packs that the paper-setting workflows use and that this test server does not install.
 THIRD_PARTY_PREFIXES = ("ADE_", "VHS_")
-# Workflows of families that only newer ComfyUI has (0.33 has both), and the module of each: checked
-# where the running ComfyUI has it (tests/test_browser.py loads them in the page everywhere).
-NEWER_FAMILY_WORKFLOWS = {"ltx2_t2v_enhance_a_video": "comfy.ldm.lightricks.av_model",
-                          "minimax_h3_t2v_enhance_a_video": "comfy.ldm.minimax.model"}
-
-
-def comfy_has(module: str) -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def test_every_workflow_converts_against_the_servers_node_definitions(server):
@@ -107,7 +96,8 @@ def test_every_workflow_converts_against_the_servers_node_definitions(server):
     workflows = sorted((ROOT / "workflows").glob("*.json"))
     assert workflows
     for path in workflows:
-        if path.stem in NEWER_FAMILY_WORKFLOWS and not comfy_has(NEWER_FAMILY_WORKFLOWS[path.stem]):
+        newer = NEWER_FAMILY_WORKFLOWS.get(path.stem)  # checked where this ComfyUI has the family (the page loads it everywhere)
+        if newer is not None and not comfy_has(BY_ID[newer[1]].requires):
             continue
         workflow = json.loads(path.read_text())
         # Other packs' nodes are not checked; the rest must convert cleanly.
