@@ -19,6 +19,16 @@ def ksample(model, latent, positive, negative, steps=3, cfg=5.0, seed=0, sampler
     return out["samples"]
 
 
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far `a` is from `b`: the norm of their difference over the norm of `b`."""
+    return float((a - b).norm() / b.norm())
+
+
+def relative_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference of two results, relative to the largest value of `b`."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def force_unbatched(monkeypatch):
     """Make ComfyUI run cond, uncond (and any extra conds) as separate model calls, as it does when
     memory is short. 0.3.75 asks comfy.model_management for free memory, newer ComfyUI the patcher."""

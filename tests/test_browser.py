@@ -27,6 +27,7 @@ import pytest
 from support import browser_page, families, tiny_models
 from support.comfy_server import PACK_NAME, ComfyServer
 from support.families import comfy_has
+from support.sampling import relative_l2
 from support.in_process import COMFY, ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -435,7 +436,7 @@ def check_layer_lists(files: dict[str, Path], texts: list[str]) -> None:
     assert "layers output (FreeVideo nodes' layers inputs): " in table and "SkipLayerGuidanceDiT: double_layers" in table, table
     guided, skipped = saved_latent(files["changed"]), saved_latent(files["plain"])
     assert torch.isfinite(guided).all() and torch.isfinite(skipped).all()
-    assert relative_difference(guided, skipped) > 1e-3
+    assert relative_l2(guided, skipped) > 1e-3
     for name in ("wan21_inspector_ie_adapt", "wan21_inspector_slg"):
         check_video(files[name], 9, (64, 64))
 
@@ -631,10 +632,6 @@ def is_pack_node(kind: str) -> bool:
     return kind.startswith("FreeVideo") and not kind.startswith("FreeVideoTest")
 
 
-def relative_difference(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tuple[int, int, str]]) -> dict:
     """Run `workflow` (with a SaveLatent after each `final` output (node, slot, name); the first is
     the video) as it is, with every FreeVideo node bypassed, and, where it has several, with each
@@ -669,17 +666,17 @@ def check_each_node_acts(page, server, stem: str, workflow: dict, final: list[tu
     for name in changed:
         assert changed[name].shape == plain[name].shape and torch.isfinite(changed[name]).all()
     assert 0.1 < plain[video].std() < 100, plain[video].std()
-    whole = relative_difference(changed[video], plain[video])
+    whole = relative_l2(changed[video], plain[video])
     assert whole > 1e-3, f"{stem}: the FreeVideo nodes changed nothing (relative difference {whole:.2e})"
     print(f"{stem}: FreeVideo nodes change the final latent by {whole:.3e} (relative); other outputs: "
-          + ", ".join(f"{name} {relative_difference(changed[name], plain[name]):.3e}" for name in changed if name != video))
+          + ", ".join(f"{name} {relative_l2(changed[name], plain[name]):.3e}" for name in changed if name != video))
     for node_id in ours if len(ours) > 1 else []:
         page.press_on_nodes([node_id], "Control+b")
         one_files, _ = run_shown_graph(page, server, with_modes(latents_only, {node_id: BYPASSED}),
                                        f"{stem}_tiny with node {node_id} bypassed")
         page.press_on_nodes([node_id], "Control+b")
         without = saved_latent(one_files[video])
-        diff = relative_difference(changed[video], without)
+        diff = relative_l2(changed[video], without)
         assert diff > 1e-4, f"{stem}: FreeVideo node {node_id} changed nothing (relative difference {diff:.2e})"
         print(f"{stem}: node {node_id} alone changes the final latent by {diff:.3e}")
     return files
@@ -982,7 +979,7 @@ def test_masked_editing_tiny_run_from_the_run_button(page, server):
     assert source.shape == edited.shape == (1, 16, 3, 8, 8) and torch.isfinite(edited).all()
     keep, edit = (Ellipsis, slice(4, None)), (Ellipsis, slice(None, 4))  # latent columns of the mask's right, left half
     outside = float((edited[keep] - source[keep]).abs().max())
-    inside = relative_difference(edited[edit], source[edit])
+    inside = relative_l2(edited[edit], source[edit])
     print(f"{MASKED_EDIT}: outside the mask max |edit - source| {outside:.3g} (peak {float(source.abs().max()):.3g}); "
           f"inside relative change {inside:.3g}")
     assert outside <= 1e-5 * float(source.abs().max())

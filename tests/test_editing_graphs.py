@@ -30,7 +30,7 @@ import nodes
 from freevideo.enhance_core.methods.entropy_editing import apply_entropy_editing
 from support.families import BY_ID, FRAMES, conditioning, load, latent as family_latent
 from support.node_calls import run_node
-from support.sampling import ksample, text_conditioning, video_latent
+from support.sampling import ksample, relative_max, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
 LATENT = video_latent(frames=5, height=8, width=8)
@@ -41,11 +41,6 @@ STEPS = 4
 NOISE = 1e-4
 # An effect counts as present above this.
 EFFECT = 1e-2
-
-
-def change(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference of two results, relative to the second one's largest value."""
-    return float((a - b).abs().max() / b.abs().max())
 
 
 _results = {}
@@ -233,7 +228,7 @@ def test_hunyuan_video_edits_cond_and_uncond_whatever_the_source_prompts_length(
     0.0); at CFG 3 the cond rows differ by 1.06, the uncond rows match (7e-7)."""
     run = family_edit("hunyuan_video", source_tokens, cfg)
     conds = (0,) if cfg == 1.0 else (0, 1)
-    moved = change(run["result"], run["plain"])
+    moved = relative_max(run["result"], run["plain"])
     assert_targets_take_the_source(run["edited"], run["source"], conds, run["sigmas"], run["span"])
     assert moved > EFFECT, f"the edit moved the result by {moved:.3g} only"
 
@@ -261,9 +256,9 @@ def test_split_batches_edit_as_one_batch(wan21, monkeypatch):
     fit_only(monkeypatch, wan21, LATENT, 3)
     split = ksample(apply_entropy_editing(counted, SOURCE), LATENT, TARGET, NEG, steps=STEPS)
     assert batches and max(batches) <= 3, f"set-up: ComfyUI did not split the batch ({batches})"
-    assert change(whole, plain) > EFFECT
-    assert change(split, whole) < NOISE, (f"split edit vs one-forward edit {change(split, whole):.3g}, "
-                                          f"split edit vs plain {change(split, plain):.3g}")
+    assert relative_max(whole, plain) > EFFECT
+    assert relative_max(split, whole) < NOISE, (f"split edit vs one-forward edit {relative_max(split, whole):.3g}, "
+                                                f"split edit vs plain {relative_max(split, plain):.3g}")
 
 
 # --- 2. across sampler stages ---------------------------------------------------------------------
@@ -288,11 +283,11 @@ def test_two_ksampler_advanced_stages_equal_the_one_run_edit(wan21):
     run 1.1e-2 (relative), plain two stages vs one run 5.9e-7, the edit itself moves the result by
     1.9e-2. Splits after step 1 and step 3 failed the same way (2.2e-2, 1.7e-2; plain 7.5e-7, 4.9e-7)."""
     plain, one_run = wan_plain(wan21), wan_edit(wan21)
-    plain_split = change(two_stages(wan21, 2), plain)
+    plain_split = relative_max(two_stages(wan21, 2), plain)
     staged = two_stages(apply_entropy_editing(wan21, SOURCE), 2)
     assert plain_split < NOISE / 10
-    assert change(one_run, plain) > EFFECT
-    gap = change(staged, one_run)
+    assert relative_max(one_run, plain) > EFFECT
+    gap = relative_max(staged, one_run)
     assert gap < NOISE, f"two stages vs one run {gap:.3g} (plain: {plain_split:.3g})"
 
 
@@ -333,7 +328,7 @@ def test_real_video_second_stage_continues_from_its_input(wan21):
     noise = torch.randn(handover["samples"].shape, generator=torch.Generator().manual_seed(11))
     from_noise = advanced(edited, {"samples": noise}, 2, STEPS)["samples"]
     assert torch.isfinite(continued).all()
-    assert change(from_noise, continued) > 0.1, f"stage 2 ignores its input ({change(from_noise, continued):.3g})"
+    assert relative_max(from_noise, continued) > 0.1, f"stage 2 ignores its input ({relative_max(from_noise, continued):.3g})"
 
 
 # --- 3. context windows ---------------------------------------------------------------------------
@@ -370,12 +365,12 @@ def test_context_windows_edit(wan21, order):
         return once(("plain_windows", id(prompt)),
                     lambda: ksample(context_windows(wan21, 3), LATENT, prompt, NEG, steps=STEPS))
     same = ksample(windowed_edit(wan21, SOURCE, order, 3), LATENT, SOURCE, NEG, steps=STEPS)
-    gap = change(same, plain_windows(SOURCE))
+    gap = relative_max(same, plain_windows(SOURCE))
     assert gap < 1e-3, f"equal prompts vs plain sampling, both with windows: {gap:.3g}"
     edited = ksample(windowed_edit(wan21, SOURCE, order, 3), LATENT, TARGET, NEG, steps=STEPS)
-    assert change(edited, plain_windows(TARGET)) > EFFECT
+    assert relative_max(edited, plain_windows(TARGET)) > EFFECT
     whole = ksample(windowed_edit(wan21, SOURCE, order, 5), LATENT, TARGET, NEG, steps=STEPS)
-    assert change(whole, wan_edit(wan21)) < NOISE
+    assert relative_max(whole, wan_edit(wan21)) < NOISE
 
 
 # --- 6. joint attention: the map over video and text keys ------------------------------------------

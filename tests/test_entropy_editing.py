@@ -10,7 +10,7 @@ from freevideo.enhance_core.patching.layer_routing import SelfAttentionLayers
 from freevideo.enhance_core.methods.entropy_editing import EntropyEditing, apply_entropy_editing
 from freevideo.enhance_core.models import adapter_for
 from support.families import FAMILIES, conditioning, flat, load, latent as family_latent
-from support.sampling import ksample, text_conditioning, video_latent
+from support.sampling import ksample, relative_l2, text_conditioning, video_latent
 
 TARGET, SOURCE, NEG = text_conditioning(seed=1), text_conditioning(seed=3), text_conditioning(seed=2)
 
@@ -101,10 +101,6 @@ def test_lowest_entropy_layers_take_the_sources_q_and_k(wan21):
     assert not any(key.endswith("/run") for key in model.model_options.get("transformer_options", {}))
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def test_real_video_with_equal_prompts_is_reconstructed_within_the_inversions_error(wan21):
     """A real video: the node DDIM-inverts it and the target starts from the inverted latent, so with
     the source prompt as the target the video comes back, up to the first-order inversion's error,
@@ -115,14 +111,14 @@ def test_real_video_with_equal_prompts_is_reconstructed_within_the_inversions_er
         source = ksample(wan21, video_latent(frames=5), SOURCE, NEG, steps=steps, cfg=1.0, seed=7)
         edited = ksample(apply_entropy_editing(wan21, SOURCE, {"samples": source}, 0.5), video_latent(frames=5),
                          SOURCE, NEG, steps=steps, cfg=1.0, seed=0)
-        errors[steps] = _rel(edited, source)
+        errors[steps] = relative_l2(edited, source)
     other = ksample(wan21, video_latent(frames=5), SOURCE, NEG, steps=20, cfg=1.0, seed=0)
     assert errors[20] < 0.1 and errors[20] < errors[3] / 2, errors  # measured: 0.068 and 0.34
-    assert _rel(other, source) > 1.0
+    assert relative_l2(other, source) > 1.0
     # A different target prompt edits the inverted video: it moves away from it, less than a new video.
     edited = ksample(apply_entropy_editing(wan21, SOURCE, {"samples": source}, 0.5), video_latent(frames=5),
                      TARGET, NEG, steps=20, cfg=1.0, seed=0)
-    assert errors[20] * 2 < _rel(edited, source) < _rel(other, source)
+    assert errors[20] * 2 < relative_l2(edited, source) < relative_l2(other, source)
 
 
 @pytest.mark.parametrize("case,message", [

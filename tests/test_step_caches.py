@@ -36,7 +36,7 @@ from freevideo.nodes.entropy_guidance import EntropyGuidance
 from freevideo.nodes.feature_accumulation import FeatureAccumulation
 from support import families, step_caches
 from support.node_calls import run_node
-from support.sampling import ksample, text_conditioning, video_latent
+from support.sampling import ksample, relative_max, text_conditioning, video_latent
 
 # MagCache's numpy arithmetic warns under NumPy 2 (its code, not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
@@ -174,10 +174,6 @@ def reference(s: Setting, what: str, build, steps: int = STEPS) -> Run:
     return _references[key]
 
 
-def change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def assert_clean(s: Setting, what: str):
     """Nothing of the graph is left on the model the user passed: it samples what it sampled
     before, bit for bit (one step is enough to tell), and then runs its own modules and its own
@@ -230,26 +226,26 @@ def test_step_cache_beside_our_node(setting, cache, node, order, caplog, request
 
     both = sample(s, model)
     figures = (f"{what}: {both.skipped} of {both.calls} calls skipped ({cache} alone {cache_alone.skipped} of "
-               f"{cache_alone.calls}); relative change: ours alone {change(ours_alone.result, plain.result):.2e}, "
-               f"with the cache vs the cache alone {change(both.result, cache_alone.result):.2e}")
+               f"{cache_alone.calls}); relative change: ours alone {relative_max(ours_alone.result, plain.result):.2e}, "
+               f"with the cache vs the cache alone {relative_max(both.result, cache_alone.result):.2e}")
     if outcome == "acts":  # the first calls hold the same conds
-        figures += (f"; first call vs ours alone {change(both.first, ours_alone.first):.2e}, vs the cache alone "
-                    f"{change(both.first, cache_alone.first):.2e}")
+        figures += (f"; first call vs ours alone {relative_max(both.first, ours_alone.first):.2e}, vs the cache alone "
+                    f"{relative_max(both.first, cache_alone.first):.2e}")
     print(figures)
     assert torch.isfinite(both.result).all(), figures
     # The cache still skips what it skips alone: its decision does not depend on our node's effect.
     assert both.skipped == cache_alone.skipped, figures
-    assert change(ours_alone.result, plain.result) > EFFECT, f"{NAMES[node]} does nothing here alone. {figures}"
+    assert relative_max(ours_alone.result, plain.result) > EFFECT, f"{NAMES[node]} does nothing here alone. {figures}"
     warned = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith(f"{NAMES[node]} cannot act") and "replaced the model's forward" in r.getMessage()]
     if outcome == "acts":
         # The first call is computed by both caches from the same input as our node's alone.
         torch.testing.assert_close(both.first, ours_alone.first, rtol=1e-5, atol=1e-5, msg=figures)
-        assert change(both.first, cache_alone.first) > EFFECT, figures
-        assert change(both.result, cache_alone.result) > EFFECT, figures
+        assert relative_max(both.first, cache_alone.first) > EFFECT, figures
+        assert relative_max(both.result, cache_alone.result) > EFFECT, figures
         assert not warned, warned
     else:
-        assert change(both.result, cache_alone.result) < 1e-5, figures
+        assert relative_max(both.result, cache_alone.result) < 1e-5, figures
         assert warned, f"{what}: our node did not say it cannot act. {figures}"
     assert_clean(s, what)
 
