@@ -1,5 +1,5 @@
 """IE-Adapt editing of a noise-masked latent (SetLatentNoiseMask, differential diffusion) through
-ComfyUI's own KSampler on tiny Wan: the sampler keeps the latent outside the mask, the source branch
+ComfyUI's own KSampler (and two KSamplerAdvanced stages, and split batches) on tiny Wan: the sampler keeps the latent outside the mask, the source branch
 sees what the target sees there, and inside the mask the target follows its prompt."""
 
 import pytest
@@ -95,3 +95,34 @@ def test_a_real_video_is_kept_outside_the_mask_and_edited_inside(wan21, scene):
     assert _gap(edited[KEEP], video[KEEP]) < 1e-6 * float(video.abs().max())
     assert relative_l2(edited[EDIT], video[EDIT]) > 0.5 * relative_l2(unmasked[EDIT], video[EDIT]) > 0.05
     assert 0 < relative_l2(edited[EDIT], unmasked[EDIT]) < 0.1 * relative_l2(unmasked[EDIT], video[EDIT])
+
+
+def _two_stages(model, latent, positive, split=2):
+    """Two KSamplerAdvanced over the same schedule (the first returns its leftover noise, the second
+    adds none), as Wan 2.2's two experts run; the latent's noise mask goes on with it."""
+    import nodes
+    def stage(latent, start, end, first):
+        return nodes.KSamplerAdvanced().sample(model, "enable" if first else "disable", 0, STEPS, 5.0, "euler", "simple",
+                                               positive, NEG, latent, start, end, "enable" if first else "disable")[0]
+    return stage(stage(latent, 0, split, True), split, STEPS, False)["samples"]
+
+
+@pytest.mark.parametrize("graph", ["batch split", "two stages"])
+def test_equal_prompts_under_a_mask_give_the_plain_inpainting_in_other_graphs(wan21, scene, graph, monkeypatch):
+    """As test_equal_prompts_under_a_mask_give_the_plain_inpainting, where ComfyUI runs cond, uncond
+    and the source branch as separate model calls (short memory), and across two KSamplerAdvanced
+    stages (the source handed on with the mask's blends)."""
+    from support.sampling import force_unbatched
+    video, mask, _, _ = scene
+    if graph == "batch split":
+        force_unbatched(monkeypatch)
+        run = lambda model, positive: _sample(model, _masked(video, mask), positive=positive)  # noqa: E731
+    else:
+        run = lambda model, positive: _two_stages(model, _masked(video, mask), positive)  # noqa: E731
+    plain = run(wan21, SOURCE)
+    edited = run(apply_entropy_editing(wan21, SOURCE), SOURCE)
+    other = run(apply_entropy_editing(wan21, SOURCE), TARGET)
+    print(f"equal prompts, {graph}: {_gap(edited, plain):.3g} of {float(plain.abs().max()):.3g}; other prompt {_gap(other, plain):.3g}")
+    assert _gap(edited, plain) < 1e-5 * float(plain.abs().max())
+    assert _gap(other, plain) > 1e3 * _gap(edited, plain)
+    assert _gap(other[KEEP], plain[KEEP]) < 1e-6 * float(plain.abs().max())  # the background is held
